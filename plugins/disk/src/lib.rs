@@ -1,0 +1,281 @@
+//! `disk`: a persistent cache backend in a directory, the default plugin.
+//!
+//! Layout under its root (`/state` unless `path` says otherwise):
+//! - `entries/<2 hex>/<64 hex action id>`: one line, `v1 <output hex> <size> <put time ns>`.
+//! - `bodies/<2 hex>/<64 hex output id>`: the body, only when bodies are stored.
+//! - `last-trim`: when trimming last ran (nanoseconds since the epoch).
+//!
+//! Every file appears by rename of a complete temporary file in the same
+//! directory, so several go commands (and several instances) can share one
+//! directory without locks: readers see a whole old file or a whole new one.
+//! File times record use (refreshed at most hourly, as Go's own cache does), and
+//! trimming removes what went unused for `max-age` and, with bodies, the least
+//! recently used bodies beyond `max-size`.
+//!
+//! In the default setup the host already keeps every body on this same disk, so
+//! the plugin keeps entries only: storing bodies again would double the disk
+//! use for nothing. Pointed at another directory (a shared or network mount),
+//! it stores bodies too.
+//!
+//! It must never assume it is alone on the directory, nor leave a partial file
+//! under a final name.
+
+use std::collections::hash_map::RandomState;
+use std::fs::{self, File};
+use std::hash::BuildHasher;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gocp_plugin_sdk::{
+    copy_from_stream, copy_to_stream, export_backend, hex, parse_hex, Backend, Capabilities, Config, ConfigKey,
+    Digest, Entry, Error, Info, InputStream, OutputStream,
+};
+
+const STATE_DIR: &str = "/state";
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(5 * 86_400);
+const DEFAULT_MAX_SIZE: u64 = 10 << 30;
+const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(86_400);
+/// How stale a file's time may get before a use refreshes it: writing a time on
+/// every hit would cost a metadata write per cache hit.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
+
+struct Disk {
+    root: PathBuf,
+    bodies: bool,
+    max_age: Duration,
+    max_size: u64,
+    trim_interval: Duration,
+    random: RandomState,
+    tmp_counter: u64,
+}
+
+impl Disk {
+    fn entry_path(&self, action_id: &Digest) -> PathBuf {
+        let h = hex(action_id);
+        self.root.join("entries").join(&h[..2]).join(h)
+    }
+
+    fn body_path(&self, output_id: &Digest) -> PathBuf {
+        let h = hex(output_id);
+        self.root.join("bodies").join(&h[..2]).join(h)
+    }
+
+    /// Writes a file under a temporary name next to `path`, then renames it into
+    /// place, creating the shard directory on first use.
+    fn write_atomically(&mut self, path: &Path, fill: impl FnOnce(&mut File) -> Result<(), Error>) -> Result<(), Error> {
+        let dir = path.parent().expect("store paths have a parent");
+        self.tmp_counter += 1;
+        let tmp = dir.join(format!(".tmp-{:016x}", self.random.hash_one(self.tmp_counter)));
+        let mut file = match File::create_new(&tmp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| Error::broken(&format!("creating {}", dir.display()), e))?;
+                File::create_new(&tmp).map_err(|e| Error::broken(&format!("creating {}", tmp.display()), e))?
+            }
+            Err(e) => return Err(Error::broken(&format!("creating {}", tmp.display()), e)),
+        };
+        let filled = fill(&mut file);
+        drop(file);
+        let renamed = filled.and_then(|()| {
+            fs::rename(&tmp, path).map_err(|e| Error::broken(&format!("renaming into {}", path.display()), e))
+        });
+        if renamed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        renamed
+    }
+
+    fn trim(&self) -> Result<(), Error> {
+        let now = SystemTime::now();
+        let marker = self.root.join("last-trim");
+        if let Ok(text) = fs::read_to_string(&marker)
+            && let Ok(ns) = text.trim().parse::<u64>()
+            && now.duration_since(UNIX_EPOCH + Duration::from_nanos(ns)).unwrap_or_default() < self.trim_interval
+        {
+            return Ok(());
+        }
+        // Claim this trim before doing it, so that concurrent finishers skip it.
+        fs::write(&marker, nanos(now).to_string()).map_err(|e| Error::broken("writing last-trim", e))?;
+
+        let cutoff = now.checked_sub(self.max_age).unwrap_or(UNIX_EPOCH);
+        // Temporary files older than an hour were left by a process that was killed.
+        let tmp_cutoff = now.checked_sub(TOUCH_INTERVAL).unwrap_or(UNIX_EPOCH);
+        let entries = list_files(&self.root.join("entries"))?;
+        for (path, meta) in &entries {
+            let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+            if modified < cutoff || (is_tmp(path) && modified < tmp_cutoff) {
+                remove_if_present(path)?;
+            }
+        }
+        if !self.bodies {
+            return Ok(());
+        }
+        let mut bodies = list_files(&self.root.join("bodies"))?;
+        bodies.sort_by_key(|(_, meta)| meta.modified().unwrap_or(UNIX_EPOCH));
+        let mut total: u64 = bodies.iter().map(|(_, m)| m.len()).sum();
+        for (path, meta) in &bodies {
+            let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+            if modified < cutoff || total > self.max_size || (is_tmp(path) && modified < tmp_cutoff) {
+                remove_if_present(path)?;
+                total -= meta.len();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Disk {
+    fn describe() -> Info {
+        Info {
+            name: "disk".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            summary: "persistent store in a directory, safe to share between concurrent go commands".into(),
+            max_instances: 0,
+            config_keys: vec![
+                key("path", "directory to keep the cache in, as the plugin sees it (default /state, the plugin's own state directory; grant others with --allow-dir)"),
+                key("bodies", "also keep bodies, not only entries: auto (default: only when path is not /state), true or false"),
+                key("max-age", "remove what went unused this long (default 5d)"),
+                key("max-size", "with bodies: keep at most this many bytes of them, least recently used removed first (default 10GiB)"),
+                key("trim-interval", "trim at most this often (default 1d)"),
+            ],
+        }
+    }
+
+    fn open(mut config: Config) -> Result<(Self, Capabilities), Error> {
+        let root = PathBuf::from(config.take("path").unwrap_or_else(|| STATE_DIR.into()));
+        let bodies = match config.take("bodies").as_deref() {
+            None | Some("auto") => root != Path::new(STATE_DIR),
+            Some("true" | "yes" | "1") => true,
+            Some("false" | "no" | "0") => false,
+            Some(v) => return Err(Error::InvalidConfig(format!("bodies={v}: expected auto, true or false"))),
+        };
+        let max_age = config.take_duration("max-age", DEFAULT_MAX_AGE)?;
+        let max_size = config.take_size("max-size", DEFAULT_MAX_SIZE)?;
+        let trim_interval = config.take_duration("trim-interval", DEFAULT_TRIM_INTERVAL)?;
+        config.finish()?;
+        fs::create_dir_all(root.join("entries")).map_err(|e| {
+            Error::InvalidConfig(format!("path={}: cannot create a directory there ({e}); is it granted with --allow-dir?", root.display()))
+        })?;
+        let disk = Disk { root, bodies, max_age, max_size, trim_interval, random: RandomState::new(), tmp_counter: 0 };
+        Ok((disk, Capabilities { stores_bodies: bodies }))
+    }
+
+    fn lookup(&mut self, action_id: &Digest) -> Result<Entry, Error> {
+        let path = self.entry_path(action_id);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound),
+            Err(e) => return Err(Error::broken(&format!("reading {}", path.display()), e)),
+        };
+        // A line that does not parse is a miss to be overwritten, not an outage.
+        let entry = parse_entry(&text).ok_or(Error::NotFound)?;
+        touch_if_stale(&path);
+        Ok(entry)
+    }
+
+    fn write_entry(&mut self, action_id: &Digest, entry: Entry) -> Result<(), Error> {
+        let line = format!("v1 {} {} {}\n", hex(&entry.output_id), entry.size, entry.put_time_ns);
+        let path = self.entry_path(action_id);
+        self.write_atomically(&path, |f| f.write_all(line.as_bytes()).map_err(|e| Error::broken("writing entry", e)))
+    }
+
+    fn read_body(&mut self, output_id: &Digest, size: u64, sink: &OutputStream) -> Result<(), Error> {
+        let path = self.body_path(output_id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound),
+            Err(e) => return Err(Error::broken(&format!("opening {}", path.display()), e)),
+        };
+        if file.metadata().map(|m| m.len()).ok() != Some(size) {
+            return Err(Error::NotFound);
+        }
+        copy_to_stream(&mut file, sink)?;
+        touch_if_stale(&path);
+        Ok(())
+    }
+
+    fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
+        let path = self.body_path(output_id);
+        if fs::metadata(&path).map(|m| m.len() == size).unwrap_or(false) {
+            return Ok(());
+        }
+        self.write_atomically(&path, |f| {
+            let written = copy_from_stream(body, f)?;
+            if written != size {
+                return Err(Error::Broken(format!("body stream gave {written} bytes, expected {size}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self) -> Result<(), Error> {
+        self.trim()
+    }
+}
+
+fn key(name: &str, help: &str) -> ConfigKey {
+    ConfigKey { name: name.into(), help: help.into() }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn parse_entry(text: &str) -> Option<Entry> {
+    let mut fields = text.trim_end().split(' ');
+    if fields.next()? != "v1" {
+        return None;
+    }
+    let output_id = parse_hex(fields.next()?)?;
+    let size = fields.next()?.parse().ok()?;
+    let put_time_ns = fields.next()?.parse().ok()?;
+    fields.next().is_none().then_some(Entry { output_id, size, put_time_ns })
+}
+
+/// Records a use in the file's modification time, unless it is recent already.
+/// Failing to do so only makes trimming less precise, so errors are ignored.
+fn touch_if_stale(path: &Path) {
+    let now = SystemTime::now();
+    let Ok(meta) = fs::metadata(path) else { return };
+    if now.duration_since(meta.modified().unwrap_or(UNIX_EPOCH)).unwrap_or_default() > TOUCH_INTERVAL
+        && let Ok(f) = File::options().write(true).open(path)
+    {
+        let _ = f.set_modified(now);
+    }
+}
+
+/// Every file two levels below `dir` (the shard layout), with its metadata.
+fn list_files(dir: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>, Error> {
+    let mut out = Vec::new();
+    let shards = match fs::read_dir(dir) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::broken(&format!("listing {}", dir.display()), e)),
+    };
+    for shard in shards.flatten() {
+        let Ok(files) = fs::read_dir(shard.path()) else { continue };
+        for file in files.flatten() {
+            if let Ok(meta) = file.metadata()
+                && meta.is_file()
+            {
+                out.push((file.path(), meta));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn is_tmp(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-"))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::broken(&format!("removing {}", path.display()), e)),
+    }
+}
+
+export_backend!(Disk);
