@@ -161,7 +161,7 @@ impl Backend for Disk {
         Ok((disk, Capabilities { stores_bodies: bodies }))
     }
 
-    fn lookup(&mut self, action_id: &Digest) -> Result<Entry, Error> {
+    fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
         let path = self.entry_path(action_id);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,

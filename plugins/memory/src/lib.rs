@@ -78,7 +78,7 @@ impl Backend for Memory {
         Ok((memory, Capabilities { stores_bodies: true }))
     }
 
-    fn lookup(&mut self, action_id: &Digest) -> Result<Entry, Error> {
+    fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
         let entry = *self.entries.get(action_id).ok_or(Error::NotFound)?;
         self.touch(&entry.output_id);
         Ok(entry)

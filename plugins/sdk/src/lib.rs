@@ -97,7 +97,7 @@ pub trait Backend: Sized + 'static {
     /// nobody took.
     fn open(config: Config) -> Result<(Self, Capabilities), Error>;
 
-    fn lookup(&mut self, action_id: &Digest) -> Result<Entry, Error>;
+    fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error>;
 
     fn write_entry(&mut self, action_id: &Digest, entry: Entry) -> Result<(), Error>;
 
@@ -180,40 +180,14 @@ impl Config {
     }
 }
 
-/// Parses `123`, `64KiB`, `512MiB`, `10GB`, `1TiB` (case-insensitive) into bytes.
+/// Parses a size such as `4096`, `64KiB`, `512MiB` or `10GB` into bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
+    s.trim().parse::<bytesize::ByteSize>().ok().map(|b| b.as_u64())
 }
 
-/// Parses `90s`, `30m`, `12h`, `5d` into a duration.
+/// Parses a duration such as `90s`, `30m`, `12h` or `5d`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    Some(Duration::from_secs(secs))
+    humantime::parse_duration(s.trim()).ok()
 }
 
 /// Reads a body stream to its end into `out`, returning the number of bytes.
@@ -310,12 +284,12 @@ pub mod glue {
         Ok(caps)
     }
 
-    pub fn lookup<B: Backend>(
+    pub fn read_entry<B: Backend>(
         state: &'static std::thread::LocalKey<State<B>>,
         action_id: Vec<u8>,
     ) -> Result<wit::Entry, wit::Error> {
         with(state, |b| {
-            let e = b.lookup(&digest(&action_id)?)?;
+            let e = b.read_entry(&digest(&action_id)?)?;
             Ok(wit::Entry { output_id: e.output_id.to_vec(), size: e.size, put_time_ns: e.put_time_ns })
         })
     }
@@ -374,13 +348,13 @@ macro_rules! export_backend {
             ) -> Result<$crate::Capabilities, $crate::bindings::exports::gocp::cache::backend::Error> {
                 $crate::glue::open(&__GOCP_STATE, config)
             }
-            fn lookup(
+            fn read_entry(
                 action_id: ::std::vec::Vec<u8>,
             ) -> Result<
                 $crate::bindings::exports::gocp::cache::backend::Entry,
                 $crate::bindings::exports::gocp::cache::backend::Error,
             > {
-                $crate::glue::lookup(&__GOCP_STATE, action_id)
+                $crate::glue::read_entry(&__GOCP_STATE, action_id)
             }
             fn read_body(
                 output_id: ::std::vec::Vec<u8>,
@@ -409,4 +383,33 @@ macro_rules! export_backend {
 
         $crate::bindings::export_plugin_world!(__GocpExport with_types_in $crate::bindings);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_durations_and_hex_parse() {
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("10GB"), Some(10_000_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_duration("5d"), Some(Duration::from_secs(5 * 86_400)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("soon"), None);
+        let d: Digest = std::array::from_fn(|i| i as u8 * 7);
+        assert_eq!(parse_hex(&hex(&d)), Some(d));
+        assert_eq!(parse_hex("zz"), None);
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys() {
+        let mut c = Config::new(vec![("a".into(), "1".into()), ("b".into(), "x".into()), ("a".into(), "2".into())]);
+        assert_eq!(c.take("a").as_deref(), Some("2"));
+        assert!(c.take_bool("b", false).is_err());
+        let mut c = Config::new(vec![("typo".into(), "1".into())]);
+        assert_eq!(c.take("max-bytes"), None);
+        assert_eq!(c.finish(), Err(Error::InvalidConfig("unknown configuration key(s): typo".into())));
+    }
 }

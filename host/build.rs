@@ -1,0 +1,76 @@
+//! Builds the shipped plugins (the `plugins/` workspace) for wasm32-wasip2 and
+//! embeds them: `OUT_DIR/embedded.rs` lists each one's name, bytes and SHA-256.
+//!
+//! The plugins get a target directory of their own next to the host's, because
+//! the host build holds the lock on its own; and the host's RUSTFLAGS are
+//! dropped, because flags meant for the host target break a wasm build.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+const PLUGINS: &[&str] = &["disk", "memory"];
+const TARGET: &str = "wasm32-wasip2";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest_dir.parent().expect("host/ sits in the workspace root");
+    let plugins_dir = root.join("plugins");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+
+    for path in ["wit", "plugins/Cargo.toml", "plugins/Cargo.lock", "plugins/sdk"] {
+        println!("cargo:rerun-if-changed={}", root.join(path).display());
+    }
+    for name in PLUGINS {
+        println!("cargo:rerun-if-changed={}", plugins_dir.join(name).display());
+    }
+
+    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: keep the wasm build
+    // beside <target>/<profile> so every host profile and rebuild shares it.
+    let target_dir = out_dir.ancestors().nth(4).expect("OUT_DIR is inside the target directory").join("wasm-plugins");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["build", "--release", "--workspace", "--target", TARGET])
+        .current_dir(&plugins_dir)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .expect("running cargo to build the plugins");
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("target may not be installed") || stderr.contains("can't find crate for `core`") {
+            panic!("the {TARGET} target is missing: run `rustup target add {TARGET}` once, then build again");
+        }
+        panic!("building the plugins in {} failed:\n{stderr}", plugins_dir.display());
+    }
+
+    let mut list = String::from("pub const EMBEDDED: &[EmbeddedPlugin] = &[\n");
+    for name in PLUGINS {
+        let wasm = target_dir.join(TARGET).join("release").join(format!("gocp_plugin_{name}.wasm"));
+        let bytes = fs::read(&wasm).unwrap_or_else(|e| panic!("reading {}: {e}", wasm.display()));
+        let copy = out_dir.join(format!("{name}.wasm"));
+        write_if_changed(&copy, &bytes);
+        let hash = Sha256::digest(&bytes);
+        writeln!(
+            list,
+            "    EmbeddedPlugin {{ name: {name:?}, wasm: include_bytes!({copy:?}), sha256: {:?} }},",
+            hash.as_slice()
+        )
+        .unwrap();
+    }
+    list.push_str("];\n");
+    write_if_changed(&out_dir.join("embedded.rs"), list.as_bytes());
+}
+
+/// Leaves unchanged files alone so that include_bytes! does not force a rebuild.
+fn write_if_changed(path: &Path, bytes: &[u8]) {
+    if fs::read(path).ok().as_deref() != Some(bytes) {
+        fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+}

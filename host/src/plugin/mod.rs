@@ -1,0 +1,352 @@
+//! Running cache backend plugins: WebAssembly components of the world in
+//! `wit/gocp.wit`.
+//!
+//! It owns finding a plugin (embedded by name or a file), compiling or loading
+//! its compiled form, the sandbox each instance runs in, the typed calls, and
+//! the pool of instances on their own threads. It knows nothing of the
+//! GOCACHEPROG protocol, and it must never let a plugin's failure escape as
+//! anything but a [`CallError`].
+
+mod artifact;
+mod bindings;
+pub mod embedded;
+mod pool;
+mod streams;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use sha2::Digest as _;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+
+pub use artifact::check_is_component;
+pub use bindings::{Capabilities, Info};
+pub use pool::{Pool, ShutdownReport};
+
+pub type Digest = [u8; 32];
+
+/// Where a plugin's code comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Embedded(&'static embedded::EmbeddedPlugin),
+    File(PathBuf),
+}
+
+impl Source {
+    /// `disk`, `memory`, ... name an embedded plugin; anything else is a path.
+    pub fn parse(spec: &str) -> Source {
+        match embedded::find(spec) {
+            Some(p) if !spec.contains('/') => Source::Embedded(p),
+            _ => Source::File(PathBuf::from(spec)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Embedded(p) => format!("built-in plugin `{}`", p.name),
+            Source::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// A directory the user grants a plugin (`--allow-dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirGrant {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// Everything needed to start instances of a plugin.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub source: Source,
+    pub config: Vec<(String, String)>,
+    /// Where compiled plugins are kept between runs.
+    pub artifact_dir: PathBuf,
+    /// The plugin's private directory, preopened as `/state`.
+    pub state_root: PathBuf,
+    pub dirs: Vec<DirGrant>,
+    /// Upper bound on instances; the plugin's own `max-instances` may lower it.
+    pub max_instances: usize,
+    /// Show the plugin's stderr (otherwise discarded).
+    pub show_stderr: bool,
+}
+
+/// What the host sees of a plugin entry (a validated `entry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub output_id: Digest,
+    pub size: u64,
+    pub put_time_ns: u64,
+}
+
+/// A plugin call that did not succeed. `Trap` means the instance is gone and
+/// will be replaced; the others are the plugin's own answers.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("backend broken: {0}")]
+    Broken(String),
+    #[error("plugin trapped: {0:#}")]
+    Trap(anyhow::Error),
+}
+
+/// Per-instance host state: the WASI context with the plugin's grants.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Compiled code and settings shared by every instance of one plugin.
+pub struct Template {
+    engine: Engine,
+    pre: bindings::PluginPre<HostState>,
+    options: Options,
+    state_dir: PathBuf,
+}
+
+/// One instance of the plugin, with its own memory. Calls into it never overlap.
+pub struct Instance {
+    store: Store<HostState>,
+    plugin: bindings::Plugin,
+    /// Set after a trap: the instance refuses every later call.
+    dead: bool,
+    /// Time spent inside plugin calls, for statistics.
+    pub busy: Duration,
+}
+
+/// A loaded plugin: its description, what `open` said, and its instances.
+pub struct Plugin {
+    pub info: Info,
+    pub capabilities: Capabilities,
+    pub pool: Pool,
+}
+
+impl Plugin {
+    /// Loads the plugin, starts one instance and opens it with the user's
+    /// configuration: every configuration mistake surfaces here, before the
+    /// go command is answered.
+    pub fn load(options: Options) -> Result<Plugin> {
+        let what = options.source.describe();
+        let template = Template::new(options).with_context(|| format!("plugin {what}"))?;
+        let (mut first, info) = template.instantiate().with_context(|| format!("plugin {what}"))?;
+        let capabilities = first.open(&template.options.config).map_err(|e| match e {
+            OpenError::Config(msg) => anyhow!("plugin `{}`: invalid configuration: {msg}", info.name),
+            OpenError::Failed(e) => anyhow!("plugin `{}` failed to start: {e}", info.name),
+        })?;
+        let instances = match info.max_instances {
+            0 => template.options.max_instances,
+            n => (n as usize).min(template.options.max_instances),
+        }
+        .max(1);
+        let pool = Pool::start(Arc::new(template), first, instances);
+        Ok(Plugin { info, capabilities, pool })
+    }
+}
+
+/// Why `open` did not succeed.
+pub enum OpenError {
+    /// `invalid-config`: the user's mistake, reported as such.
+    Config(String),
+    Failed(CallError),
+}
+
+impl Template {
+    fn new(options: Options) -> Result<Template> {
+        let (wasm, sha): (std::borrow::Cow<[u8]>, [u8; 32]) = match &options.source {
+            Source::Embedded(p) => (p.wasm.into(), p.sha256),
+            Source::File(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let sha = sha2::Sha256::digest(&bytes).into();
+                (bytes.into(), sha)
+            }
+        };
+        let engine = Engine::new(&engine_config()).map_err(|e| anyhow!("setting up the WebAssembly engine: {e}"))?;
+        let component = artifact::load(&engine, &wasm, &sha, &options.artifact_dir)?;
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
+        let pre = bindings::PluginPre::new(pre)
+            .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
+        let state_dir = options.state_root.join(state_dir_name(&options.source));
+        Ok(Template { engine, pre, options, state_dir })
+    }
+
+    fn wasi(&self) -> Result<WasiCtx> {
+        std::fs::create_dir_all(&self.state_dir).with_context(|| format!("creating {}", self.state_dir.display()))?;
+        let mut wasi = WasiCtx::builder();
+        // Each instance owns a dedicated thread: blocking it on file I/O is
+        // fine, and far cheaper than a hop through an async thread pool per call.
+        wasi.allow_blocking_current_thread(true);
+        wasi.preopened_dir(&self.state_dir, "/state", FsPerms::ReadWrite)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("granting {}", self.state_dir.display()))?;
+        for grant in &self.options.dirs {
+            let perms = if grant.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+            wasi.preopened_dir(&grant.host, &grant.guest, perms)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("granting {}", grant.host.display()))?;
+        }
+        if self.options.show_stderr {
+            wasi.inherit_stderr();
+        }
+        Ok(wasi.build())
+    }
+
+    /// A fresh instance, and the plugin's description.
+    pub fn instantiate(&self) -> Result<(Instance, Info)> {
+        let state = HostState { wasi: self.wasi()?, table: ResourceTable::new() };
+        let mut store = Store::new(&self.engine, state);
+        let plugin = self.pre.instantiate(&mut store).map_err(|e| anyhow!("instantiating: {e:#}"))?;
+        let mut instance = Instance { store, plugin, dead: false, busy: Duration::ZERO };
+        let info = instance.describe().map_err(|e| anyhow!("describe: {e}"))?;
+        Ok((instance, info))
+    }
+
+    /// A fresh, opened instance to replace one that trapped.
+    pub fn instantiate_open(&self) -> Result<Instance> {
+        let (mut instance, _) = self.instantiate()?;
+        instance.open(&self.options.config).map_err(|e| match e {
+            OpenError::Config(m) => anyhow!("invalid configuration: {m}"),
+            OpenError::Failed(e) => anyhow!("{e}"),
+        })?;
+        Ok(instance)
+    }
+}
+
+fn engine_config() -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config
+}
+
+/// A plugin name safe to use as a directory name.
+fn sanitize(name: &str) -> String {
+    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    if s.is_empty() { "plugin".into() } else { s }
+}
+
+impl Instance {
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Runs one call, timing it; a trap kills the instance (it would refuse
+    /// every later call anyway) and becomes `CallError::Trap`.
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let started = Instant::now();
+        let result = f(&self.plugin, &mut self.store);
+        self.busy += started.elapsed();
+        result.map_err(|e| {
+            self.dead = true;
+            CallError::Trap(e.into())
+        })
+    }
+
+    fn describe(&mut self) -> Result<Info, CallError> {
+        self.call(|p, s| p.gocp_cache_backend().call_describe(s))
+    }
+
+    fn open(&mut self, config: &[(String, String)]) -> Result<Capabilities, OpenError> {
+        match self.call(|p, s| p.gocp_cache_backend().call_open(s, config)) {
+            Ok(Ok(caps)) => Ok(caps),
+            Ok(Err(bindings::Error::InvalidConfig(m))) => Err(OpenError::Config(m)),
+            Ok(Err(e)) => Err(OpenError::Failed(plugin_error(e))),
+            Err(e) => Err(OpenError::Failed(e)),
+        }
+    }
+
+    /// The entry for `action_id`: `Ok(None)` is an ordinary miss.
+    pub fn read_entry(&mut self, action_id: &Digest) -> Result<Option<Entry>, CallError> {
+        match self.call(|p, s| p.gocp_cache_backend().call_read_entry(s, &action_id.to_vec()))? {
+            Ok(e) => {
+                let output_id = e.output_id.as_slice().try_into().map_err(|_| {
+                    CallError::Broken(format!("lookup returned an output id of {} bytes", e.output_id.len()))
+                })?;
+                Ok(Some(Entry { output_id, size: e.size, put_time_ns: e.put_time_ns }))
+            }
+            Err(bindings::Error::NotFound) => Ok(None),
+            Err(e) => Err(plugin_error(e)),
+        }
+    }
+
+    /// Has the plugin write the body of `output_id` into `writer`, refusing
+    /// more than `size` bytes. `Ok(false)` means the plugin does not have it.
+    /// The caller verifies what was written.
+    pub fn read_body<W: Write + Send + 'static>(
+        &mut self,
+        output_id: &Digest,
+        size: u64,
+        writer: W,
+    ) -> Result<Result<W, ()>, CallError> {
+        let (sink, target) = streams::BodySink::new(writer, size);
+        let sink: DynOutputStream = Box::new(sink);
+        let handle = self.store.data_mut().table.push(sink).map_err(|e| CallError::Trap(e.into()))?;
+        let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
+        let result = self.call(|p, s| p.gocp_cache_backend().call_read_body(s, &output_id.to_vec(), size, borrowed));
+        let _ = self.store.data_mut().table.delete(handle);
+        let outcome = result?;
+        let target = Arc::into_inner(target).expect("the sink was dropped with the table entry").into_inner().unwrap();
+        match outcome {
+            Ok(()) if target.failed.is_none() => Ok(Ok(target.writer)),
+            Ok(()) => Err(CallError::Broken(target.failed.unwrap_or_default())),
+            Err(bindings::Error::NotFound) => Ok(Err(())),
+            Err(e) => Err(plugin_error(e)),
+        }
+    }
+
+    /// Hands the plugin a stored body, readable from `file`.
+    pub fn write_body(&mut self, output_id: &Digest, size: u64, file: File) -> Result<(), CallError> {
+        let source: DynInputStream = Box::new(streams::FileSource::new(file));
+        let handle = self.store.data_mut().table.push(source).map_err(|e| CallError::Trap(e.into()))?;
+        let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
+        let result = self.call(|p, s| p.gocp_cache_backend().call_write_body(s, &output_id.to_vec(), size, borrowed));
+        let _ = self.store.data_mut().table.delete(handle);
+        result?.map_err(plugin_error)
+    }
+
+    pub fn write_entry(&mut self, action_id: &Digest, entry: &Entry) -> Result<(), CallError> {
+        let wire = bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
+        self.call(|p, s| p.gocp_cache_backend().call_write_entry(s, &action_id.to_vec(), &wire))?.map_err(plugin_error)
+    }
+
+    pub fn finish(&mut self) -> Result<(), CallError> {
+        self.call(|p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
+    }
+}
+
+fn plugin_error(e: bindings::Error) -> CallError {
+    match e {
+        bindings::Error::NotFound => CallError::Broken("not-found where it has no meaning".into()),
+        bindings::Error::Unavailable(m) => CallError::Unavailable(m),
+        bindings::Error::Broken(m) => CallError::Broken(m),
+        bindings::Error::InvalidConfig(m) => CallError::Broken(format!("invalid-config outside open: {m}")),
+    }
+}
+
+/// The directory under the state root that holds a plugin's `/state`: named
+/// after the plugin file, so that its data survives upgrades of the file.
+fn state_dir_name(source: &Source) -> String {
+    match source {
+        Source::Embedded(p) => sanitize(p.name),
+        Source::File(path) => sanitize(&path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+    }
+}

@@ -1,0 +1,402 @@
+//! Serving one go command: requests in, responses out, with the local store
+//! and the plugin behind them.
+//!
+//! Threads: this one reads requests (and decodes put bodies straight into the
+//! store, since the go command sends them in line); plugin threads answer gets
+//! and record puts; a writer thread sends responses as they come, in any order,
+//! batching whatever is ready into one write. A put is answered as soon as its
+//! body is stored locally; the plugin records it in the background, and all of
+//! that is drained before the close reply.
+//!
+//! It owns the policy that no failure of the plugin, or of the disk, ever fails
+//! a build: each becomes a miss, a local-only put, or a put error (only when
+//! nothing could be stored). It must never write to stdout except through the
+//! writer thread.
+
+use std::fs::File;
+use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::plugin::{CallError, Entry, Instance, Plugin, ShutdownReport};
+use crate::protocol::{BodyError, Command, DecodeError, Decoder, Digest, Response, format_time};
+use crate::stats::{Stats, Summary};
+use crate::store::{CommitError, Store, TrimPolicy, TrimReport};
+
+pub struct Settings {
+    pub trim: TrimPolicy,
+    /// How long the plugin may take, at the end, to record queued puts and finish.
+    pub drain_timeout: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// The go command sent close (and got its reply).
+    Closed,
+    /// Input ended without close, as it does after `go list`.
+    EndOfInput,
+    /// The input broke the protocol; the stream cannot be followed further.
+    BadInput(DecodeError),
+}
+
+pub struct Outcome {
+    pub ending: Ending,
+    pub summary: Summary,
+    pub shutdown: ShutdownReport,
+    pub trim: Option<io::Result<TrimReport>>,
+}
+
+/// What the threads share.
+struct Shared {
+    store: Store,
+    stats: Stats,
+    problems: Problems,
+    stores_bodies: bool,
+    responses: Sender<Out>,
+}
+
+enum Out {
+    Response(Response),
+    /// Everything is answered: flush and stop.
+    End,
+}
+
+pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRead, output: File) -> Outcome {
+    let started = Instant::now();
+    let mut plugin = plugin;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let writer = spawn_writer(output, rx);
+    let shared = Arc::new(Shared {
+        store,
+        stats: Stats::default(),
+        problems: Problems::new(&plugin.info.name),
+        stores_bodies: plugin.capabilities.stores_bodies,
+        responses: tx,
+    });
+    shared.respond(Response::capabilities());
+
+    let mut decoder = Decoder::new(input);
+    let ending = loop {
+        let request = match decoder.next_request() {
+            Ok(Some(r)) => r,
+            Ok(None) => break (Ending::EndOfInput, None),
+            Err(e) => break (Ending::BadInput(e), None),
+        };
+        match request.command {
+            Command::Get { action_id } => get(&shared, &plugin, request.id, action_id),
+            Command::Put { action_id, output_id, body_size } => {
+                if let Err(e) = put(&shared, &plugin, &mut decoder, request.id, action_id, output_id, body_size) {
+                    break (Ending::BadInput(e), None);
+                }
+            }
+            Command::Close => break (Ending::Closed, Some(request.id)),
+            Command::Other(name) => {
+                shared.respond(Response::error(request.id, format!("unknown command {name:?}")));
+            }
+        }
+    };
+    let (ending, close_id) = ending;
+
+    let shutdown = plugin.pool.shutdown(Instant::now() + settings.drain_timeout);
+    if shutdown.abandoned > 0 {
+        shared.problems.report(
+            Problem::Plugin,
+            format!("plugin did not finish within {:?}; some puts may not be recorded", settings.drain_timeout),
+        );
+    }
+    for e in &shutdown.finish_errors {
+        shared.problems.report(Problem::Plugin, format!("finishing: {e}"));
+    }
+    let trim = match ending {
+        Ending::BadInput(_) => None,
+        _ => Some(shared.store.trim(&settings.trim)),
+    };
+    if let Some(Err(e)) = &trim {
+        shared.problems.report(Problem::Store, format!("trimming the local store: {e}"));
+    }
+    if let Some(id) = close_id {
+        // Never an error: cmd/go would fail a successful build over it.
+        shared.respond(Response { id, ..Default::default() });
+    }
+    let _ = shared.responses.send(Out::End);
+    let _ = writer.join();
+
+    let summary = shared.stats.summary(&plugin_label(&plugin), plugin.pool.busy(), shutdown.restarts, started.elapsed());
+    Outcome { ending, summary, shutdown, trim }
+}
+
+fn plugin_label(plugin: &Plugin) -> String {
+    format!("{} {}", plugin.info.name, plugin.info.version)
+}
+
+impl Shared {
+    fn respond(&self, response: Response) {
+        // The writer only stops at End or when the go command is gone; either
+        // way there is nobody left to answer.
+        let _ = self.responses.send(Out::Response(response));
+    }
+}
+
+fn get(shared: &Arc<Shared>, plugin: &Plugin, id: i64, action_id: Digest) {
+    Stats::add(&shared.stats.gets, 1);
+    let shared = shared.clone();
+    plugin.pool.submit(move |instance| {
+        let response = match instance {
+            Some(instance) => lookup(&shared, instance, id, &action_id),
+            None => {
+                shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
+                None
+            }
+        };
+        let response = response.unwrap_or_else(|| {
+            Stats::add(&shared.stats.misses, 1);
+            Response::miss(id)
+        });
+        shared.respond(response);
+    });
+}
+
+/// A hit's response, or `None` for a miss.
+fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest) -> Option<Response> {
+    let entry = match instance.read_entry(action_id) {
+        Ok(Some(entry)) => entry,
+        Ok(None) => return None,
+        Err(e) => {
+            shared.plugin_failed(&e);
+            return None;
+        }
+    };
+    let path = match shared.store.lookup(&entry.output_id, entry.size) {
+        Some(path) => path,
+        None if shared.stores_bodies => {
+            let path = fetch(shared, instance, &entry)?;
+            Stats::add(&shared.stats.hits_fetched, 1);
+            path
+        }
+        None => return None,
+    };
+    Stats::add(&shared.stats.hits, 1);
+    Stats::add(&shared.stats.hit_bytes, entry.size);
+    Some(Response {
+        id,
+        output_id: Some(entry.output_id),
+        size: entry.size,
+        time: Some(format_time(entry.put_time_ns)),
+        disk_path: Some(path_string(path)),
+        ..Default::default()
+    })
+}
+
+/// Brings a body the plugin has into the local store, verified.
+fn fetch(shared: &Shared, instance: &mut Instance, entry: &Entry) -> Option<PathBuf> {
+    let writer = match shared.store.begin() {
+        Ok(w) => w,
+        Err(e) => {
+            shared.problems.report(Problem::Store, format!("local store: {e}"));
+            return None;
+        }
+    };
+    let writer = match instance.read_body(&entry.output_id, entry.size, writer) {
+        Ok(Ok(w)) => w,
+        Ok(Err(())) => return None,
+        Err(e) => {
+            shared.plugin_failed(&e);
+            return None;
+        }
+    };
+    match shared.store.commit(writer, &entry.output_id, entry.size) {
+        Ok(path) => Some(path),
+        Err(CommitError::Io(e)) => {
+            shared.problems.report(Problem::Store, format!("local store: {e}"));
+            None
+        }
+        Err(e) => {
+            Stats::add(&shared.stats.rejected_bodies, 1);
+            shared.problems.report(Problem::Plugin, format!("rejected a body from the plugin: {e}"));
+            None
+        }
+    }
+}
+
+fn put<R: BufRead>(
+    shared: &Arc<Shared>,
+    plugin: &Plugin,
+    decoder: &mut Decoder<R>,
+    id: i64,
+    action_id: Digest,
+    output_id: Digest,
+    size: u64,
+) -> Result<(), DecodeError> {
+    Stats::add(&shared.stats.puts, 1);
+    Stats::add(&shared.stats.put_bytes, size);
+    let stored = match shared.store.lookup(&output_id, size) {
+        // The same bytes are stored already (another action, or another go
+        // command): read past the body without writing it again.
+        Some(path) => match decoder.read_body(id, size, &mut io::sink())? {
+            Ok(Ok(())) => {
+                Stats::add(&shared.stats.puts_deduplicated, 1);
+                Ok(path)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => receive(shared, decoder, id, &output_id, size)?,
+    };
+    let path = match stored {
+        Ok(path) => path,
+        Err(message) => {
+            Stats::add(&shared.stats.put_failures, 1);
+            shared.respond(Response::error(id, message));
+            return Ok(());
+        }
+    };
+    shared.respond(Response { id, disk_path: Some(path_string(path.clone())), ..Default::default() });
+
+    let entry = Entry { output_id, size, put_time_ns: now_ns() };
+    let shared = shared.clone();
+    plugin.pool.submit(move |instance| {
+        let Some(instance) = instance else { return };
+        if shared.stores_bodies {
+            let sent = File::open(&path)
+                .map_err(|e| CallError::Broken(format!("reopening {}: {e}", path.display())))
+                .and_then(|file| instance.write_body(&output_id, size, file));
+            if let Err(e) = sent {
+                // An entry without its body would be a miss elsewhere anyway.
+                shared.plugin_failed(&e);
+                return;
+            }
+        }
+        if let Err(e) = instance.write_entry(&action_id, &entry) {
+            shared.plugin_failed(&e);
+        }
+    });
+    Ok(())
+}
+
+/// Decodes a put body into the local store. The outer error is a broken
+/// stream; the inner one is this put's failure, answered to the go command.
+fn receive<R: BufRead>(
+    shared: &Shared,
+    decoder: &mut Decoder<R>,
+    id: i64,
+    output_id: &Digest,
+    size: u64,
+) -> Result<Result<PathBuf, String>, DecodeError> {
+    let mut writer = match shared.store.begin() {
+        Ok(w) => w,
+        Err(e) => {
+            shared.problems.report(Problem::Store, format!("local store: {e}"));
+            // The put fails either way; its body only has to be read past.
+            let _ = decoder.read_body(id, size, &mut io::sink())?;
+            return Ok(Err(format!("gocp local store: {e}")));
+        }
+    };
+    match decoder.read_body(id, size, &mut writer)? {
+        Ok(Ok(())) => {}
+        Ok(Err(e @ (BodyError::InvalidBase64 | BodyError::SizeMismatch { .. }))) => return Ok(Err(e.to_string())),
+        Err(e) => {
+            shared.problems.report(Problem::Store, format!("local store: {e}"));
+            return Ok(Err(format!("gocp local store: {e}")));
+        }
+    }
+    Ok(match shared.store.commit(writer, output_id, size) {
+        Ok(path) => Ok(path),
+        Err(CommitError::Io(e)) => {
+            shared.problems.report(Problem::Store, format!("local store: {e}"));
+            Err(format!("gocp local store: {e}"))
+        }
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+impl Shared {
+    fn plugin_failed(&self, e: &CallError) {
+        match e {
+            CallError::Trap(_) => Stats::add(&self.stats.plugin_traps, 1),
+            _ => Stats::add(&self.stats.plugin_errors, 1),
+        }
+        self.problems.report(Problem::Plugin, e.to_string());
+    }
+}
+
+fn path_string(path: PathBuf) -> String {
+    // The state directory is checked to be UTF-8 at start-up, and the names
+    // below it are hex.
+    path.into_os_string().into_string().expect("store paths are UTF-8")
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn spawn_writer(output: File, rx: Receiver<Out>) -> JoinHandle<()> {
+    thread::Builder::new()
+        .name("responses".into())
+        .spawn(move || {
+            let mut output = output;
+            let mut buf = Vec::with_capacity(64 * 1024);
+            let mut ended = false;
+            while !ended {
+                let Ok(first) = rx.recv() else { break };
+                let mut next = Some(first);
+                // Batch whatever is ready: one write for many responses.
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Out::Response(r) => r.encode(&mut buf),
+                        Out::End => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    if buf.len() < 1 << 20 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if output.write_all(&buf).is_err() {
+                    // The go command is gone; nothing more can be delivered.
+                    break;
+                }
+                buf.clear();
+            }
+        })
+        .expect("spawning the response writer")
+}
+
+/// The kinds of trouble worth one line on stderr.
+#[derive(Clone, Copy)]
+enum Problem {
+    Plugin,
+    Store,
+}
+
+/// Prints the first problem of each kind, once: stderr is the user's build
+/// output, and a failing backend would otherwise print a line per request.
+struct Problems {
+    plugin_name: String,
+    seen: [AtomicU64; 2],
+}
+
+impl Problems {
+    fn new(plugin_name: &str) -> Self {
+        Problems { plugin_name: plugin_name.to_string(), seen: Default::default() }
+    }
+
+    fn report(&self, kind: Problem, message: String) {
+        if self.seen[kind as usize].fetch_add(1, Ordering::Relaxed) > 0 {
+            return;
+        }
+        match kind {
+            Problem::Plugin => eprintln!(
+                "gocp: plugin {}: {message} (the build goes on without it; later errors are only counted)",
+                self.plugin_name
+            ),
+            Problem::Store => eprintln!("gocp: {message} (the build goes on; later errors are only counted)"),
+        }
+    }
+}

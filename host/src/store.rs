@@ -1,0 +1,306 @@
+//! The local object store: the files the go command reads through DiskPath.
+//!
+//! Bodies are kept content-addressed, `objects/<2 hex>/<64 hex output id>`, and
+//! only ever appear there by renaming a complete temporary file that was hashed
+//! while it was written and matched its output id. So a file under a final name
+//! is always whole and correct, is never modified afterwards, and is shared by
+//! every action (and every concurrent go command) that produced the same bytes.
+//! Plugins are never granted this directory; that is what lets a hit be served
+//! without hashing the file again.
+//!
+//! It owns those files and their trimming; it knows nothing of the protocol or
+//! of plugins, and must never write anywhere but under its root.
+
+use std::fs::{self, File, Permissions};
+use std::io::{self, BufWriter, ErrorKind, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest as _, Sha256};
+
+pub type Digest = [u8; 32];
+
+/// A use refreshes a file's modification time only when it is older than
+/// this, as Go's own cache does: one metadata write per hour at most.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
+/// Temporary files older than this were left by a killed process.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+
+/// Why a body was not accepted into the store.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("body hashes to {actual}, not to its output id {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("body has {actual} bytes, expected {expected}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Limits applied by [`Store::trim`].
+#[derive(Debug, Clone, Copy)]
+pub struct TrimPolicy {
+    /// Remove bodies unused for longer than this.
+    pub max_age: Duration,
+    /// Then remove the least recently used bodies until at most this many bytes remain.
+    pub max_size: u64,
+    /// Trim at most this often (a marker file records the last time).
+    pub interval: Duration,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TrimReport {
+    pub ran: bool,
+    pub removed_files: u64,
+    pub removed_bytes: u64,
+    pub kept_bytes: u64,
+}
+
+pub struct Store {
+    objects: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `root`.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        let objects = root.join("objects");
+        let tmp = objects.join("tmp");
+        fs::create_dir_all(&tmp).map_err(|e| annotate(e, "creating", &tmp))?;
+        Ok(Store { objects, tmp })
+    }
+
+    pub fn path_of(&self, output_id: &Digest) -> PathBuf {
+        let name = hex::encode(output_id);
+        self.objects.join(&name[..2]).join(name)
+    }
+
+    /// The path of a stored body of exactly `size` bytes, if there is one.
+    /// Records the use for trimming.
+    pub fn lookup(&self, output_id: &Digest, size: u64) -> Option<PathBuf> {
+        let path = self.path_of(output_id);
+        let meta = fs::metadata(&path).ok()?;
+        if !meta.is_file() || meta.len() != size {
+            return None;
+        }
+        touch_if_stale(&path, &meta);
+        Some(path)
+    }
+
+    /// Starts receiving a body: bytes written to the returned writer go to a
+    /// temporary file and into a running hash.
+    pub fn begin(&self) -> io::Result<BodyWriter> {
+        let file = tempfile::Builder::new()
+            .prefix("body-")
+            .permissions(Permissions::from_mode(0o644))
+            .tempfile_in(&self.tmp)
+            .map_err(|e| annotate(e, "creating a temporary file in", &self.tmp))?;
+        Ok(BodyWriter { out: BufWriter::with_capacity(256 * 1024, file), hash: Sha256::new(), len: 0 })
+    }
+
+    /// Moves a received body into place if it hashes to `output_id` and has
+    /// `size` bytes; otherwise the temporary file is removed.
+    pub fn commit(&self, body: BodyWriter, output_id: &Digest, size: u64) -> Result<PathBuf, CommitError> {
+        let BodyWriter { out, hash, len } = body;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        if len != size {
+            return Err(CommitError::SizeMismatch { expected: size, actual: len });
+        }
+        let actual: Digest = hash.finalize().into();
+        if &actual != output_id {
+            return Err(CommitError::HashMismatch { expected: hex::encode(output_id), actual: hex::encode(actual) });
+        }
+        let path = self.path_of(output_id);
+        let file = match file.persist_noclobber(&path) {
+            Ok(_) => return Ok(path),
+            Err(e) if e.error.kind() == ErrorKind::NotFound => {
+                let dir = path.parent().expect("object paths have a parent");
+                fs::create_dir_all(dir).map_err(|e| annotate(e, "creating", dir))?;
+                e.file
+            }
+            // Someone else stored the same bytes first: theirs are as good.
+            Err(e) if e.error.kind() == ErrorKind::AlreadyExists => return Ok(path),
+            Err(e) => return Err(annotate(e.error, "storing", &path).into()),
+        };
+        match file.persist_noclobber(&path) {
+            Ok(_) => Ok(path),
+            Err(e) if e.error.kind() == ErrorKind::AlreadyExists => Ok(path),
+            Err(e) => Err(annotate(e.error, "storing", &path).into()),
+        }
+    }
+
+    /// Applies `policy` if the last trim is older than its interval.
+    pub fn trim(&self, policy: &TrimPolicy) -> io::Result<TrimReport> {
+        let now = SystemTime::now();
+        let marker = self.objects.join("last-trim");
+        if let Ok(meta) = fs::metadata(&marker)
+            && now.duration_since(meta.modified()?).unwrap_or_default() < policy.interval
+        {
+            return Ok(TrimReport::default());
+        }
+        // Claim the trim first: concurrent go commands then skip it.
+        fs::write(&marker, b"").map_err(|e| annotate(e, "writing", &marker))?;
+        filetime::set_file_mtime(&marker, filetime::FileTime::from_system_time(now))?;
+
+        let mut report = TrimReport { ran: true, ..Default::default() };
+        for entry in fs::read_dir(&self.tmp)?.flatten() {
+            if let Ok(meta) = entry.metadata()
+                && now.duration_since(meta.modified()?).unwrap_or_default() > STALE_TMP
+            {
+                remove(&entry.path(), meta.len(), &mut report);
+            }
+        }
+
+        let mut files = Vec::new();
+        for shard in fs::read_dir(&self.objects)?.flatten() {
+            let name = shard.file_name();
+            if name.len() != 2 || !shard.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            for file in fs::read_dir(shard.path())?.flatten() {
+                if let Ok(meta) = file.metadata() {
+                    files.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len(), file.path()));
+                }
+            }
+        }
+        files.sort();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        for (modified, len, path) in &files {
+            let too_old = now.duration_since(*modified).unwrap_or_default() > policy.max_age;
+            if too_old || total > policy.max_size {
+                remove(path, *len, &mut report);
+                total -= len;
+            }
+        }
+        report.kept_bytes = total;
+        Ok(report)
+    }
+}
+
+fn remove(path: &Path, len: u64, report: &mut TrimReport) {
+    if fs::remove_file(path).is_ok() {
+        report.removed_files += 1;
+        report.removed_bytes += len;
+    }
+}
+
+fn touch_if_stale(path: &Path, meta: &fs::Metadata) {
+    let now = SystemTime::now();
+    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    if now.duration_since(modified).unwrap_or_default() > TOUCH_INTERVAL {
+        // Only trimming precision depends on this; a failure is not worth a word.
+        let _ = filetime::set_file_mtime(path, filetime::FileTime::from_system_time(now));
+    }
+}
+
+fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// A body being received; see [`Store::begin`] and [`Store::commit`].
+pub struct BodyWriter {
+    out: BufWriter<tempfile::NamedTempFile>,
+    hash: Sha256,
+    len: u64,
+}
+
+impl BodyWriter {
+    /// The temporary file's path, while the body is being received.
+    pub fn temp_path(&self) -> &Path {
+        self.out.get_ref().path()
+    }
+
+    /// Reopens what was written so far for reading (after a flush).
+    pub fn reopen(&mut self) -> io::Result<File> {
+        self.out.flush()?;
+        self.out.get_ref().reopen()
+    }
+}
+
+impl Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> Digest {
+        Sha256::digest(bytes).into()
+    }
+
+    #[test]
+    fn commit_accepts_only_matching_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let body = b"hello, cache";
+        let id = sha(body);
+
+        let mut w = store.begin().unwrap();
+        w.write_all(body).unwrap();
+        let path = store.commit(w, &id, body.len() as u64).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), body);
+        assert!(path.extension().is_none());
+        assert_eq!(store.lookup(&id, body.len() as u64), Some(path.clone()));
+        assert_eq!(store.lookup(&id, 3), None, "a size mismatch is a miss");
+
+        let mut w = store.begin().unwrap();
+        w.write_all(b"other bytes").unwrap();
+        assert!(matches!(store.commit(w, &sha(b"nope"), 11), Err(CommitError::HashMismatch { .. })));
+        let mut w = store.begin().unwrap();
+        w.write_all(body).unwrap();
+        assert!(matches!(store.commit(w, &id, 99), Err(CommitError::SizeMismatch { .. })));
+        assert_eq!(fs::read_dir(dir.path().join("objects/tmp")).unwrap().count(), 0, "rejected bodies leave nothing");
+
+        // Storing the same bytes again keeps the first file (same inode).
+        let ino = fs::metadata(&path).unwrap().ino();
+        let mut w = store.begin().unwrap();
+        w.write_all(body).unwrap();
+        assert_eq!(store.commit(w, &id, body.len() as u64).unwrap(), path);
+        assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
+    }
+
+    #[test]
+    fn empty_body_is_a_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let path = store.commit(store.begin().unwrap(), &sha(b""), 0).unwrap();
+        assert_eq!(fs::metadata(path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn trim_removes_old_then_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        let mut paths = Vec::new();
+        for (i, age_hours) in [(0u8, 200u64), (1, 3), (2, 2), (3, 1)] {
+            let body = vec![i; 1000];
+            let mut w = store.begin().unwrap();
+            w.write_all(&body).unwrap();
+            let p = store.commit(w, &sha(&body), 1000).unwrap();
+            let t = now - Duration::from_secs(age_hours * 3600);
+            filetime::set_file_mtime(&p, filetime::FileTime::from_system_time(t)).unwrap();
+            paths.push(p);
+        }
+        let policy = TrimPolicy { max_age: Duration::from_secs(100 * 3600), max_size: 2000, interval: Duration::from_secs(3600) };
+        let report = store.trim(&policy).unwrap();
+        assert_eq!(report, TrimReport { ran: true, removed_files: 2, removed_bytes: 2000, kept_bytes: 2000 });
+        let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(exists, [false, false, true, true]);
+        // Within the interval nothing runs.
+        assert!(!store.trim(&policy).unwrap().ran);
+    }
+
+    use std::os::unix::fs::MetadataExt;
+}
