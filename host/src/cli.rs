@@ -129,7 +129,20 @@ fn default_dir() -> Result<PathBuf> {
 
 /// Parses the command line, serves one go command, and reports.
 pub fn run() -> Result<ExitCode> {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: requested output, not an error.
+            e.print()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            // clap's message spans several lines; the first says it all.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            bail!("{}", first.trim_start_matches("error: "));
+        }
+    };
     if io::stdin().is_terminal() {
         eprintln!(
             "gocp-host talks to the go command over stdin/stdout; use it as GOCACHEPROG=gocp-host (see gocp-host --help)"

@@ -6,7 +6,9 @@
 //! and record puts; a writer thread sends responses as they come, in any order,
 //! batching whatever is ready into one write. A put is answered as soon as its
 //! body is stored locally; the plugin records it in the background, and all of
-//! that is drained before the close reply.
+//! that is drained before the close reply. Until the plugin has recorded a put,
+//! gets for that action are answered from the put itself, so a go command
+//! always reads its own writes.
 //!
 //! It owns the policy that no failure of the plugin, or of the disk, ever fails
 //! a build: each becomes a miss, a local-only put, or a put error (only when
@@ -15,8 +17,9 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, Write};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,6 +62,8 @@ struct Shared {
     problems: Problems,
     stores_bodies: bool,
     responses: Sender<Out>,
+    /// Puts answered but not yet recorded by the plugin.
+    pending: Mutex<HashMap<Digest, Entry>>,
 }
 
 enum Out {
@@ -78,6 +83,7 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
         problems: Problems::new(&plugin.info.name),
         stores_bodies: plugin.capabilities.stores_bodies,
         responses: tx,
+        pending: Mutex::new(HashMap::new()),
     });
     shared.respond(Response::capabilities());
 
@@ -145,6 +151,13 @@ impl Shared {
 
 fn get(shared: &Arc<Shared>, plugin: &Plugin, id: i64, action_id: Digest) {
     Stats::add(&shared.stats.gets, 1);
+    let pending = shared.pending.lock().unwrap().get(&action_id).copied();
+    if let Some(entry) = pending
+        && let Some(path) = shared.store.lookup(&entry.output_id, entry.size)
+    {
+        shared.respond(hit(shared, id, &entry, path));
+        return;
+    }
     let shared = shared.clone();
     plugin.pool.submit(move |instance| {
         let response = match instance {
@@ -181,16 +194,20 @@ fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest)
         }
         None => return None,
     };
+    Some(hit(shared, id, &entry, path))
+}
+
+fn hit(shared: &Shared, id: i64, entry: &Entry, path: PathBuf) -> Response {
     Stats::add(&shared.stats.hits, 1);
     Stats::add(&shared.stats.hit_bytes, entry.size);
-    Some(Response {
+    Response {
         id,
         output_id: Some(entry.output_id),
         size: entry.size,
         time: Some(format_time(entry.put_time_ns)),
         disk_path: Some(path_string(path)),
         ..Default::default()
-    })
+    }
 }
 
 /// Brings a body the plugin has into the local store, verified.
@@ -259,24 +276,35 @@ fn put<R: BufRead>(
     shared.respond(Response { id, disk_path: Some(path_string(path.clone())), ..Default::default() });
 
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
+    shared.pending.lock().unwrap().insert(action_id, entry);
     let shared = shared.clone();
     plugin.pool.submit(move |instance| {
-        let Some(instance) = instance else { return };
-        if shared.stores_bodies {
-            let sent = File::open(&path)
-                .map_err(|e| CallError::Broken(format!("reopening {}: {e}", path.display())))
-                .and_then(|file| instance.write_body(&output_id, size, file));
-            if let Err(e) = sent {
-                // An entry without its body would be a miss elsewhere anyway.
-                shared.plugin_failed(&e);
-                return;
-            }
-        }
-        if let Err(e) = instance.write_entry(&action_id, &entry) {
-            shared.plugin_failed(&e);
+        record(&shared, instance, &action_id, &entry, &path);
+        let mut pending = shared.pending.lock().unwrap();
+        // A later put of the same action may have replaced the entry meanwhile.
+        if pending.get(&action_id) == Some(&entry) {
+            pending.remove(&action_id);
         }
     });
     Ok(())
+}
+
+/// Has the plugin record a put: the body first (if it keeps bodies), then the entry.
+fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, path: &Path) {
+    let Some(instance) = instance else { return };
+    if shared.stores_bodies {
+        let sent = File::open(path)
+            .map_err(|e| CallError::Broken(format!("reopening {}: {e}", path.display())))
+            .and_then(|file| instance.write_body(&entry.output_id, entry.size, file));
+        if let Err(e) = sent {
+            // An entry without its body would be a miss elsewhere anyway.
+            shared.plugin_failed(&e);
+            return;
+        }
+    }
+    if let Err(e) = instance.write_entry(action_id, entry) {
+        shared.plugin_failed(&e);
+    }
 }
 
 /// Decodes a put body into the local store. The outer error is a broken
