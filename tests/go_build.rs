@@ -104,3 +104,33 @@ fn memory_plugin_builds_and_tests_within_one_go_command() {
     assert_eq!(s["gets"].as_u64(), Some(s["hits"].as_u64().unwrap() + s["misses"].as_u64().unwrap()), "{s}");
     assert_eq!(s["plugin_errors"].as_u64(), Some(0), "{s}");
 }
+
+#[test]
+fn concurrent_go_commands_share_one_state_directory() {
+    require_go();
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("module");
+    write_module(&module);
+    let state = tmp.path().join("state");
+    // Three go commands at once (a CI runner, an editor, a linter), each with
+    // its own GOCACHE, all through one gocp state directory.
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let module = module.clone();
+            let cache = tmp.path().join(format!("gocache-{i}"));
+            let prog = gocacheprog(&state, &tmp.path().join(format!("stats-{i}.json")), "");
+            let args: &'static [&'static str] = if i == 1 { &["test", "./..."] } else { &["build", "./..."] };
+            std::thread::spawn(move || go(&module, &cache, Some(&prog), args))
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    }
+    let prog = gocacheprog(&state, &tmp.path().join("stats.json"), "");
+    let warm = go(&module, &tmp.path().join("gocache-warm"), Some(&prog), &["build", "-x", "./..."]);
+    assert!(warm.status.success(), "{}", text(&warm.stderr));
+    assert!(compile_steps(&text(&warm.stderr)).is_empty(), "after concurrent builds, a warm build compiles nothing");
+    let run = go(&module, &tmp.path().join("gocache-run"), Some(&prog), &["run", "./cmd/tool"]);
+    assert_eq!(text(&run.stdout).trim(), "{\"alpha\":0,\"beta\":1,\"gamma\":2} 3", "{}", text(&run.stderr));
+}
