@@ -26,10 +26,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::plugin::{CallError, Entry, Instance, Plugin, ShutdownReport};
+use crate::plugin::{CallError, Entry, Instance, Plugin};
 use crate::protocol::{BodyError, Command, DecodeError, Decoder, Digest, Response, format_time};
 use crate::stats::{Stats, Summary};
-use crate::store::{CommitError, Store, TrimPolicy, TrimReport};
+use crate::store::{CommitError, Store, TrimPolicy};
 
 pub struct Settings {
     pub trim: TrimPolicy,
@@ -51,8 +51,6 @@ pub enum Ending {
 pub struct Outcome {
     pub ending: Ending,
     pub summary: Summary,
-    pub shutdown: ShutdownReport,
-    pub trim: Option<io::Result<TrimReport>>,
 }
 
 /// What the threads share.
@@ -119,11 +117,10 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
     for e in &shutdown.finish_errors {
         shared.problems.report(Problem::Plugin, format!("finishing: {e}"));
     }
-    let trim = match ending {
-        Ending::BadInput(_) => None,
-        _ => Some(shared.store.trim(&settings.trim)),
-    };
-    if let Some(Err(e)) = &trim {
+    // After broken input the session is cut short: leave housekeeping to the next.
+    if !matches!(ending, Ending::BadInput(_))
+        && let Err(e) = shared.store.trim(&settings.trim)
+    {
         shared.problems.report(Problem::Store, format!("trimming the local store: {e}"));
     }
     if let Some(id) = close_id {
@@ -134,7 +131,7 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
     let _ = writer.join();
 
     let summary = shared.stats.summary(&plugin_label(&plugin), plugin.pool.busy(), shutdown.restarts, started.elapsed());
-    Outcome { ending, summary, shutdown, trim }
+    Outcome { ending, summary }
 }
 
 fn plugin_label(plugin: &Plugin) -> String {

@@ -11,7 +11,7 @@
 //! It owns those files and their trimming; it knows nothing of the protocol or
 //! of plugins, and must never write anywhere but under its root.
 
-use std::fs::{self, File, Permissions};
+use std::fs::{self, Permissions};
 use std::io::{self, BufWriter, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -203,19 +203,6 @@ pub struct BodyWriter {
     out: BufWriter<tempfile::NamedTempFile>,
     hash: Sha256,
     len: u64,
-}
-
-impl BodyWriter {
-    /// The temporary file's path, while the body is being received.
-    pub fn temp_path(&self) -> &Path {
-        self.out.get_ref().path()
-    }
-
-    /// Reopens what was written so far for reading (after a flush).
-    pub fn reopen(&mut self) -> io::Result<File> {
-        self.out.flush()?;
-        self.out.get_ref().reopen()
-    }
 }
 
 impl Write for BodyWriter {

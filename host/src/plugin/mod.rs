@@ -26,7 +26,6 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-pub use artifact::check_is_component;
 pub use bindings::{Capabilities, Info};
 pub use pool::{Pool, ShutdownReport};
 
