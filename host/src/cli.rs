@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use crate::plugin::{self, DirGrant, Plugin, Source};
+use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::server::{self, Ending, Settings};
 use crate::store::{Store, TrimPolicy};
 
@@ -55,6 +55,28 @@ pub struct Cli {
     /// `:ro` makes it read-only (repeatable).
     #[arg(long = "allow-dir", env = "GOCP_ALLOW_DIR", value_name = "HOST[:GUEST][:ro]", value_delimiter = ' ', value_parser = parse_dir_grant)]
     pub allow_dir: Vec<DirGrant>,
+
+    /// Let the plugin read this environment variable, e.g. a credential (repeatable).
+    #[arg(long = "allow-env", env = "GOCP_ALLOW_ENV", value_name = "NAME", value_delimiter = ' ')]
+    pub allow_env: Vec<String>,
+
+    /// Let the plugin connect to HOST:PORT, over HTTP or TCP (repeatable).
+    #[arg(long = "allow-net", env = "GOCP_ALLOW_NET", value_name = "HOST:PORT", value_delimiter = ' ', value_parser = NetGrant::parse)]
+    pub allow_net: Vec<NetGrant>,
+
+    /// Memory each plugin instance may use.
+    #[arg(long, env = "GOCP_PLUGIN_MEMORY", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub plugin_memory: u64,
+
+    /// How long one plugin call may take before it counts as failed (calls moving
+    /// a body get more time in proportion to its size).
+    #[arg(long, env = "GOCP_PLUGIN_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub plugin_timeout: Duration,
+
+    /// Describe the plugin: what it is, its configuration keys, what it imports
+    /// and which grants those need. Then exit.
+    #[arg(long)]
+    pub help_plugin: bool,
 
     /// Most plugin instances to run at once (the plugin may allow fewer).
     /// [default: the number of CPUs]
@@ -143,11 +165,12 @@ pub fn run() -> Result<ExitCode> {
             bail!("{}", first.trim_start_matches("error: "));
         }
     };
-    if io::stdin().is_terminal() {
-        eprintln!(
-            "gocp-host talks to the go command over stdin/stdout; use it as GOCACHEPROG=gocp-host (see gocp-host --help)"
-        );
-        return Ok(ExitCode::from(2));
+    let source = Source::parse(&cli.plugin);
+    if let Source::File(path) = &source
+        && !path.exists()
+    {
+        let names: Vec<&str> = plugin::embedded::names().collect();
+        bail!("plugin {}: no such file, and not a built-in plugin ({})", path.display(), names.join(", "));
     }
     let dir = match &cli.dir {
         Some(d) => std::path::absolute(d).with_context(|| format!("state directory {}", d.display()))?,
@@ -156,15 +179,27 @@ pub fn run() -> Result<ExitCode> {
     if dir.to_str().is_none() {
         bail!("state directory {} is not valid UTF-8, which the go command needs", dir.display());
     }
-    let store = Store::open(&dir).with_context(|| format!("state directory {}", dir.display()))?;
-
-    let source = Source::parse(&cli.plugin);
-    if let Source::File(path) = &source
-        && !path.exists()
-    {
-        let names: Vec<&str> = plugin::embedded::names().collect();
-        bail!("plugin {}: no such file, and not a built-in plugin ({})", path.display(), names.join(", "));
+    if cli.help_plugin {
+        print!("{}", plugin::inspect::describe(&source, &dir.join("compiled"), &dir.join("plugins"))?);
+        return Ok(ExitCode::SUCCESS);
     }
+    if io::stdin().is_terminal() {
+        eprintln!(
+            "gocp-host talks to the go command over stdin/stdout; use it as GOCACHEPROG=gocp-host (see gocp-host --help)"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let store = match Store::open(&dir) {
+        Ok(store) => store,
+        Err(e) => {
+            // Not the user's typo but the machine's state (a full or read-only
+            // disk): the build must go on, so serve it without a cache.
+            eprintln!("gocp: state directory {} cannot be written ({e}); this build runs uncached", dir.display());
+            let (input, output) = take_protocol_streams()?;
+            let ending = server::serve_uncached(BufReader::new(input), output);
+            return Ok(exit_code(ending));
+        }
+    };
     let instances = cli
         .instances
         .map(usize::from)
@@ -174,9 +209,15 @@ pub fn run() -> Result<ExitCode> {
         config: cli.config.clone(),
         artifact_dir: dir.join("compiled"),
         state_root: dir.join("plugins"),
-        dirs: cli.allow_dir.clone(),
+        grants: Grants {
+            dirs: cli.allow_dir.clone(),
+            env: cli.allow_env.clone(),
+            net: cli.allow_net.clone(),
+            memory: usize::try_from(cli.plugin_memory).unwrap_or(usize::MAX),
+            stderr_prefix: cli.verbose.then(|| format!("gocp plugin {}: ", short_name(&cli.plugin))),
+        },
         max_instances: instances,
-        show_stderr: cli.verbose,
+        call_timeout: cli.plugin_timeout,
     })?;
 
     let (input, output) = take_protocol_streams()?;
@@ -195,13 +236,23 @@ pub fn run() -> Result<ExitCode> {
             eprintln!("gocp: writing statistics to {}: {e}", path.display());
         }
     }
-    match outcome.ending {
-        Ending::Closed | Ending::EndOfInput => Ok(ExitCode::SUCCESS),
+    Ok(exit_code(outcome.ending))
+}
+
+fn exit_code(ending: Ending) -> ExitCode {
+    match ending {
+        Ending::Closed | Ending::EndOfInput => ExitCode::SUCCESS,
         Ending::BadInput(e) => {
             eprintln!("gocp: stopping: {e}");
-            Ok(ExitCode::from(1))
+            ExitCode::from(1)
         }
     }
+}
+
+/// The plugin's name as the user wrote it, without directories or `.wasm`.
+fn short_name(spec: &str) -> &str {
+    let base = spec.rsplit('/').next().unwrap_or(spec);
+    base.strip_suffix(".wasm").unwrap_or(base)
 }
 
 /// Takes stdin and stdout for the protocol and points file descriptor 1 at

@@ -3,8 +3,9 @@
 //!
 //! A request flows `protocol` (decode) -> `server` (policy, threads) ->
 //! `store` (the local files the go command reads) and `plugin` (the backend).
-//! `cli` sets it all up; `stats` counts.
+//! `cli` sets it all up; `stats` counts; `breaker` pauses a failing plugin.
 
+pub mod breaker;
 pub mod cli;
 pub mod plugin;
 pub mod protocol;

@@ -25,6 +25,10 @@ const MAX_REQUEST_LINE: usize = 64 * 1024;
 
 /// The commands this server implements, announced in the capabilities reply.
 pub const KNOWN_COMMANDS: &[&str] = &["get", "put", "close"];
+/// What is announced when nothing can be stored: cmd/go then neither asks nor
+/// stores (an unanswerable put would fail its package loading) and builds
+/// uncached.
+pub const UNCACHED_COMMANDS: &[&str] = &["close"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -348,9 +352,9 @@ fn base64_opt<S: serde::Serializer>(d: &Option<Digest>, s: S) -> Result<S::Ok, S
 }
 
 impl Response {
-    /// The first message of every session: what this server implements.
-    pub fn capabilities() -> Self {
-        Response { id: 0, known_commands: Some(KNOWN_COMMANDS), ..Default::default() }
+    /// The first message of every session: the commands this server will answer.
+    pub fn capabilities(commands: &'static [&'static str]) -> Self {
+        Response { id: 0, known_commands: Some(commands), ..Default::default() }
     }
 
     pub fn miss(id: i64) -> Self {
@@ -498,7 +502,7 @@ mod tests {
     #[test]
     fn responses_encode_like_cmd_go_expects() {
         let mut out = Vec::new();
-        Response::capabilities().encode(&mut out);
+        Response::capabilities(KNOWN_COMMANDS).encode(&mut out);
         Response::miss(4).encode(&mut out);
         Response {
             id: 9,

@@ -12,22 +12,25 @@
 //!
 //! It owns the policy that no failure of the plugin, or of the disk, ever fails
 //! a build: each becomes a miss, a local-only put, or a put error (only when
-//! nothing could be stored). It must never write to stdout except through the
-//! writer thread.
+//! nothing could be stored). Repeated outages pause the plugin (see
+//! `breaker`); a call stuck past its deadline gets its request answered by
+//! the pool's watchdog, and every request is answered exactly once. It must
+//! never write to stdout except through the writer thread.
 
 use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::plugin::{CallError, Entry, Instance, Plugin};
-use crate::protocol::{BodyError, Command, DecodeError, Decoder, Digest, Response, format_time};
+use crate::breaker::Breaker;
+use crate::plugin::{CallError, Entry, Instance, Job, Plugin};
+use crate::protocol::{BodyError, Command, DecodeError, Decoder, Digest, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS, format_time};
 use crate::stats::{Stats, Summary};
 use crate::store::{CommitError, Store, TrimPolicy};
 
@@ -62,7 +65,12 @@ struct Shared {
     responses: Sender<Out>,
     /// Puts answered but not yet recorded by the plugin.
     pending: Mutex<HashMap<Digest, Entry>>,
+    breaker: Breaker,
 }
+
+/// The largest body a plugin may claim. Go outputs reach hundreds of MB; a
+/// claim far beyond that is a broken plugin, not a cache entry.
+const MAX_PLUGIN_BODY: u64 = 64 << 30;
 
 enum Out {
     Response(Response),
@@ -82,8 +90,9 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
         stores_bodies: plugin.capabilities.stores_bodies,
         responses: tx,
         pending: Mutex::new(HashMap::new()),
+        breaker: Breaker::default(),
     });
-    shared.respond(Response::capabilities());
+    shared.respond(Response::capabilities(KNOWN_COMMANDS));
 
     let mut decoder = Decoder::new(input);
     let ending = loop {
@@ -108,7 +117,7 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
     let (ending, close_id) = ending;
 
     let shutdown = plugin.pool.shutdown(Instant::now() + settings.drain_timeout);
-    if shutdown.abandoned > 0 {
+    if shutdown.unfinished > 0 {
         shared.problems.report(
             Problem::Plugin,
             format!("plugin did not finish within {:?}; some puts may not be recorded", settings.drain_timeout),
@@ -130,8 +139,44 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
     let _ = shared.responses.send(Out::End);
     let _ = writer.join();
 
-    let summary = shared.stats.summary(&plugin_label(&plugin), plugin.pool.busy(), shutdown.restarts, started.elapsed());
+    let summary = shared.stats.summary(&plugin_label(&plugin), plugin.pool.busy(), started.elapsed(), &shutdown, shared.breaker.trips());
     Outcome { ending, summary }
+}
+
+/// Serves a go command without a cache, when the local store cannot be used:
+/// announces only `close`, so the build goes on, uncached.
+pub fn serve_uncached(input: impl BufRead, output: File) -> Ending {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let writer = spawn_writer(output, rx);
+    let respond = |r: Response| {
+        let _ = tx.send(Out::Response(r));
+    };
+    respond(Response::capabilities(UNCACHED_COMMANDS));
+    let mut decoder = Decoder::new(input);
+    let ending = loop {
+        match decoder.next_request() {
+            Ok(None) => break Ending::EndOfInput,
+            Err(e) => break Ending::BadInput(e),
+            Ok(Some(request)) => match request.command {
+                Command::Close => {
+                    respond(Response { id: request.id, ..Default::default() });
+                    break Ending::Closed;
+                }
+                // Not announced, so not expected; answered all the same.
+                Command::Get { .. } => respond(Response::miss(request.id)),
+                Command::Put { body_size, .. } => {
+                    if let Err(e) = decoder.read_body(request.id, body_size, &mut io::sink()) {
+                        break Ending::BadInput(e);
+                    }
+                    respond(Response::error(request.id, "gocp has no usable local store"));
+                }
+                Command::Other(name) => respond(Response::error(request.id, format!("unknown command {name:?}"))),
+            },
+        }
+    };
+    let _ = tx.send(Out::End);
+    let _ = writer.join();
+    ending
 }
 
 fn plugin_label(plugin: &Plugin) -> String {
@@ -155,33 +200,62 @@ fn get(shared: &Arc<Shared>, plugin: &Plugin, id: i64, action_id: Digest) {
         shared.respond(hit(shared, id, &entry, path));
         return;
     }
-    let shared = shared.clone();
-    plugin.pool.submit(move |instance| {
-        let response = match instance {
-            Some(instance) => lookup(&shared, instance, id, &action_id),
-            None => {
-                shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
-                None
+    if !shared.breaker.allows() {
+        Stats::add(&shared.stats.skipped_while_paused, 1);
+        shared.respond_miss(id);
+        return;
+    }
+    // Answered by the job, or by the watchdog if the job gets stuck: the
+    // first to claim the request answers it.
+    let claimed = Arc::new(AtomicBool::new(false));
+    let job = Job::new({
+        let (shared, claimed) = (shared.clone(), claimed.clone());
+        move |instance| {
+            let response = match instance {
+                Some(instance) => lookup(&shared, instance, id, &action_id),
+                None => {
+                    shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
+                    None
+                }
+            };
+            if !claimed.swap(true, Ordering::SeqCst) {
+                match response {
+                    Some(r) => shared.respond(r),
+                    None => shared.respond_miss(id),
+                }
             }
-        };
-        let response = response.unwrap_or_else(|| {
-            Stats::add(&shared.stats.misses, 1);
-            Response::miss(id)
-        });
-        shared.respond(response);
+        }
+    })
+    .on_stuck({
+        let shared = shared.clone();
+        move || {
+            shared.plugin_stuck();
+            if !claimed.swap(true, Ordering::SeqCst) {
+                shared.respond_miss(id);
+            }
+        }
     });
+    plugin.pool.submit(job);
 }
 
 /// A hit's response, or `None` for a miss.
 fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest) -> Option<Response> {
     let entry = match instance.read_entry(action_id) {
-        Ok(Some(entry)) => entry,
-        Ok(None) => return None,
+        Ok(Some(entry)) if entry.size <= MAX_PLUGIN_BODY => entry,
+        Ok(Some(entry)) => {
+            shared.plugin_failed(&CallError::Broken(format!("read-entry claims a body of {} bytes", entry.size)));
+            return None;
+        }
+        Ok(None) => {
+            shared.breaker.success();
+            return None;
+        }
         Err(e) => {
             shared.plugin_failed(&e);
             return None;
         }
     };
+    shared.breaker.success();
     let path = match shared.store.lookup(&entry.output_id, entry.size) {
         Some(path) => path,
         None if shared.stores_bodies => {
@@ -272,17 +346,37 @@ fn put<R: BufRead>(
     };
     shared.respond(Response { id, disk_path: Some(path_string(path.clone())), ..Default::default() });
 
+    if !shared.breaker.allows() {
+        Stats::add(&shared.stats.local_only_puts, 1);
+        return Ok(());
+    }
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
     shared.pending.lock().unwrap().insert(action_id, entry);
-    let shared = shared.clone();
-    plugin.pool.submit(move |instance| {
-        record(&shared, instance, &action_id, &entry, &path);
-        let mut pending = shared.pending.lock().unwrap();
+    let forget = {
+        let shared = shared.clone();
         // A later put of the same action may have replaced the entry meanwhile.
-        if pending.get(&action_id) == Some(&entry) {
-            pending.remove(&action_id);
+        move || {
+            let mut pending = shared.pending.lock().unwrap();
+            if pending.get(&action_id) == Some(&entry) {
+                pending.remove(&action_id);
+            }
         }
-    });
+    };
+    let stuck = {
+        let (shared, forget) = (shared.clone(), forget.clone());
+        move || {
+            shared.plugin_stuck();
+            forget();
+        }
+    };
+    let shared = shared.clone();
+    plugin.pool.submit(
+        Job::new(move |instance| {
+            record(&shared, instance, &action_id, &entry, &path);
+            forget();
+        })
+        .on_stuck(stuck),
+    );
     Ok(())
 }
 
@@ -299,8 +393,9 @@ fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, 
             return;
         }
     }
-    if let Err(e) = instance.write_entry(action_id, entry) {
-        shared.plugin_failed(&e);
+    match instance.write_entry(action_id, entry) {
+        Ok(()) => shared.breaker.success(),
+        Err(e) => shared.plugin_failed(&e),
     }
 }
 
@@ -341,12 +436,28 @@ fn receive<R: BufRead>(
 }
 
 impl Shared {
+    fn respond_miss(&self, id: i64) {
+        Stats::add(&self.stats.misses, 1);
+        self.respond(Response::miss(id));
+    }
+
     fn plugin_failed(&self, e: &CallError) {
         match e {
             CallError::Trap(_) => Stats::add(&self.stats.plugin_traps, 1),
-            _ => Stats::add(&self.stats.plugin_errors, 1),
+            CallError::Timeout(_) => Stats::add(&self.stats.plugin_timeouts, 1),
+            CallError::Unavailable(_) | CallError::Broken(_) => Stats::add(&self.stats.plugin_errors, 1),
         }
         self.problems.report(Problem::Plugin, e.to_string());
+        if e.is_outage() {
+            self.breaker.outage();
+        }
+    }
+
+    /// A call stuck beyond its deadline and out of reach of interruption.
+    fn plugin_stuck(&self) {
+        Stats::add(&self.stats.plugin_timeouts, 1);
+        self.problems.report(Problem::Plugin, "a call hung past its deadline; its thread was given up".into());
+        self.breaker.outage();
     }
 }
 

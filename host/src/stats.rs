@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::plugin::ShutdownReport;
+
 #[derive(Default)]
 pub struct Stats {
     pub gets: AtomicU64,
@@ -22,9 +24,16 @@ pub struct Stats {
     pub puts_deduplicated: AtomicU64,
     /// Puts that could not be stored locally (answered with an error).
     pub put_failures: AtomicU64,
-    /// Unavailable or broken answers and traps from the plugin.
+    /// Unavailable or broken answers from the plugin.
     pub plugin_errors: AtomicU64,
+    /// Calls that trapped: a panic, an invalid operation, the memory limit.
     pub plugin_traps: AtomicU64,
+    /// Calls stopped at their deadline (or given up on, if stuck in the host).
+    pub plugin_timeouts: AtomicU64,
+    /// Gets answered as misses without asking the plugin, while it was paused.
+    pub skipped_while_paused: AtomicU64,
+    /// Puts kept only locally because the plugin was paused.
+    pub local_only_puts: AtomicU64,
     /// Bodies from the plugin rejected for a wrong hash or size.
     pub rejected_bodies: AtomicU64,
 }
@@ -44,7 +53,15 @@ pub struct Summary {
     pub put_failures: u64,
     pub plugin_errors: u64,
     pub plugin_traps: u64,
+    pub plugin_timeouts: u64,
+    /// Instances replaced after a trap or timeout.
     pub plugin_restarts: u64,
+    /// Plugin threads given up on, stuck in a call beyond interruption.
+    pub plugin_stuck: u64,
+    /// Times repeated outages paused the plugin.
+    pub breaker_trips: u64,
+    pub skipped_while_paused: u64,
+    pub local_only_puts: u64,
     pub rejected_bodies: u64,
     pub plugin_ms: u64,
     pub wall_ms: u64,
@@ -55,7 +72,14 @@ impl Stats {
         counter.fetch_add(n, Relaxed);
     }
 
-    pub fn summary(&self, plugin: &str, plugin_time: Duration, restarts: u64, wall: Duration) -> Summary {
+    pub fn summary(
+        &self,
+        plugin: &str,
+        plugin_time: Duration,
+        wall: Duration,
+        shutdown: &ShutdownReport,
+        breaker_trips: u64,
+    ) -> Summary {
         Summary {
             plugin: plugin.to_string(),
             gets: self.gets.load(Relaxed),
@@ -69,7 +93,12 @@ impl Stats {
             put_failures: self.put_failures.load(Relaxed),
             plugin_errors: self.plugin_errors.load(Relaxed),
             plugin_traps: self.plugin_traps.load(Relaxed),
-            plugin_restarts: restarts,
+            plugin_timeouts: self.plugin_timeouts.load(Relaxed),
+            plugin_restarts: shutdown.restarts,
+            plugin_stuck: shutdown.stuck as u64,
+            breaker_trips,
+            skipped_while_paused: self.skipped_while_paused.load(Relaxed),
+            local_only_puts: self.local_only_puts.load(Relaxed),
             rejected_bodies: self.rejected_bodies.load(Relaxed),
             plugin_ms: plugin_time.as_millis() as u64,
             wall_ms: wall.as_millis() as u64,
@@ -88,7 +117,7 @@ impl Summary {
             self.misses,
             self.puts,
             human_bytes(self.put_bytes),
-            self.plugin_errors + self.plugin_traps + self.rejected_bodies,
+            self.plugin_errors + self.plugin_traps + self.plugin_timeouts + self.rejected_bodies,
             self.plugin_ms,
             self.wall_ms
         )

@@ -63,12 +63,15 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `root`.
+    /// Opens (creating if needed) the store under `root`, and checks that it
+    /// can be written to: a store that cannot take a put is no store at all.
     pub fn open(root: &Path) -> io::Result<Store> {
         let objects = root.join("objects");
         let tmp = objects.join("tmp");
         fs::create_dir_all(&tmp).map_err(|e| annotate(e, "creating", &tmp))?;
-        Ok(Store { objects, tmp })
+        let store = Store { objects, tmp };
+        drop(store.begin()?);
+        Ok(store)
     }
 
     pub fn path_of(&self, output_id: &Digest) -> PathBuf {

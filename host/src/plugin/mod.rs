@@ -2,15 +2,17 @@
 //! `wit/gocp.wit`.
 //!
 //! It owns finding a plugin (embedded by name or a file), compiling or loading
-//! its compiled form, the sandbox each instance runs in, the typed calls, and
-//! the pool of instances on their own threads. It knows nothing of the
-//! GOCACHEPROG protocol, and it must never let a plugin's failure escape as
-//! anything but a [`CallError`].
+//! its compiled form, the sandbox and limits each instance runs under, the
+//! typed calls, and the pool of instances on their own threads. It knows
+//! nothing of the GOCACHEPROG protocol, and it must never let a plugin's
+//! failure escape as anything but a [`CallError`].
 
 mod artifact;
 mod bindings;
 pub mod embedded;
+pub mod inspect;
 mod pool;
+mod sandbox;
 mod streams;
 
 use std::fs::File;
@@ -21,15 +23,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use sha2::Digest as _;
-use wasmtime::component::{Linker, ResourceTable};
-use wasmtime::{Engine, Store};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, Trap};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use bindings::{Capabilities, Info};
-pub use pool::{Pool, ShutdownReport};
+pub use pool::{Job, Pool, ShutdownReport, Watch};
+pub use sandbox::{DirGrant, Grants, NetGrant};
 
 pub type Digest = [u8; 32];
+
+/// How often the engine's epoch advances: the resolution of call deadlines.
+const TICK: Duration = Duration::from_millis(10);
+/// Bodies may take longer than small calls, but must keep at least this pace.
+const MIN_BODY_BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0;
 
 /// Where a plugin's code comes from.
 #[derive(Debug, Clone)]
@@ -53,14 +62,30 @@ impl Source {
             Source::File(p) => p.display().to_string(),
         }
     }
-}
 
-/// A directory the user grants a plugin (`--allow-dir`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirGrant {
-    pub host: PathBuf,
-    pub guest: String,
-    pub read_only: bool,
+    /// The directory under the state root that holds the plugin's `/state`:
+    /// named after the plugin file, so that its data survives upgrades of it.
+    fn state_dir_name(&self) -> String {
+        let name = match self {
+            Source::Embedded(p) => p.name.to_string(),
+            Source::File(path) => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        let s: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        if s.is_empty() { "plugin".into() } else { s }
+    }
+
+    /// The wasm bytes and their SHA-256.
+    fn load(&self) -> Result<(std::borrow::Cow<'static, [u8]>, [u8; 32])> {
+        Ok(match self {
+            Source::Embedded(p) => (p.wasm.into(), p.sha256),
+            Source::File(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let sha = sha2::Sha256::digest(&bytes).into();
+                (bytes.into(), sha)
+            }
+        })
+    }
 }
 
 /// Everything needed to start instances of a plugin.
@@ -70,13 +95,13 @@ pub struct Options {
     pub config: Vec<(String, String)>,
     /// Where compiled plugins are kept between runs.
     pub artifact_dir: PathBuf,
-    /// The plugin's private directory, preopened as `/state`.
+    /// Parent of each plugin's private directory (preopened as `/state`).
     pub state_root: PathBuf,
-    pub dirs: Vec<DirGrant>,
+    pub grants: Grants,
     /// Upper bound on instances; the plugin's own `max-instances` may lower it.
     pub max_instances: usize,
-    /// Show the plugin's stderr (otherwise discarded).
-    pub show_stderr: bool,
+    /// How long one call may take (bodies get more, in proportion to size).
+    pub call_timeout: Duration,
 }
 
 /// What the host sees of a plugin entry (a validated `entry`).
@@ -87,22 +112,35 @@ pub struct Entry {
     pub put_time_ns: u64,
 }
 
-/// A plugin call that did not succeed. `Trap` means the instance is gone and
-/// will be replaced; the others are the plugin's own answers.
+/// A plugin call that did not succeed. `Trap` and `Timeout` mean the instance
+/// is gone and will be replaced; the others are the plugin's own answers.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("backend unavailable: {0}")]
     Unavailable(String),
     #[error("backend broken: {0}")]
     Broken(String),
-    #[error("plugin trapped: {0:#}")]
+    #[error("plugin failed: {0:#}")]
     Trap(anyhow::Error),
+    #[error("plugin call took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+impl CallError {
+    /// Whether the failure says the backend cannot be reached or cannot cope,
+    /// so that calling it again right away is likely to fail too.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, CallError::Unavailable(_) | CallError::Trap(_) | CallError::Timeout(_))
+    }
 }
 
 /// Per-instance host state: the WASI context with the plugin's grants.
 pub struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    gate: sandbox::HttpGate,
     table: ResourceTable,
+    limits: StoreLimits,
 }
 
 impl WasiView for HostState {
@@ -111,22 +149,31 @@ impl WasiView for HostState {
     }
 }
 
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.gate }
+    }
+}
+
 /// Compiled code and settings shared by every instance of one plugin.
 pub struct Template {
     engine: Engine,
     pre: bindings::PluginPre<HostState>,
     options: Options,
-    state_dir: PathBuf,
+    sandbox: sandbox::Sandbox,
 }
 
 /// One instance of the plugin, with its own memory. Calls into it never overlap.
 pub struct Instance {
     store: Store<HostState>,
     plugin: bindings::Plugin,
-    /// Set after a trap: the instance refuses every later call.
+    timeout: Duration,
+    /// Set after a trap or timeout: the instance refuses every later call.
     dead: bool,
     /// Time spent inside plugin calls, for statistics.
     pub busy: Duration,
+    /// Lets the pool's watchdog see a call stuck where no deadline reaches.
+    watch: Option<Watch>,
 }
 
 /// A loaded plugin: its description, what `open` said, and its instances.
@@ -165,54 +212,65 @@ pub enum OpenError {
     Failed(CallError),
 }
 
+/// The engine every plugin runs on: Cranelift, with epoch interruption so
+/// that a call running too long can be stopped, and a ticker advancing the
+/// epoch for as long as the engine lives.
+pub fn engine() -> Result<Engine> {
+    let mut config = wasmtime::Config::new();
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config.epoch_interruption(true);
+    let engine = Engine::new(&config).map_err(|e| anyhow!("setting up the WebAssembly engine: {e}"))?;
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
+            }
+        })
+        .context("starting the epoch thread")?;
+    Ok(engine)
+}
+
+/// Compiles (or loads the compiled form of) a plugin's component.
+pub fn component(engine: &Engine, source: &Source, artifact_dir: &std::path::Path) -> Result<Component> {
+    let (wasm, sha) = source.load()?;
+    artifact::load(engine, &wasm, &sha, artifact_dir)
+}
+
 impl Template {
     fn new(options: Options) -> Result<Template> {
-        let (wasm, sha): (std::borrow::Cow<[u8]>, [u8; 32]) = match &options.source {
-            Source::Embedded(p) => (p.wasm.into(), p.sha256),
-            Source::File(path) => {
-                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                let sha = sha2::Sha256::digest(&bytes).into();
-                (bytes.into(), sha)
-            }
-        };
-        let engine = Engine::new(&engine_config()).map_err(|e| anyhow!("setting up the WebAssembly engine: {e}"))?;
-        let component = artifact::load(&engine, &wasm, &sha, &options.artifact_dir)?;
+        let engine = engine()?;
+        let component = component(&engine, &options.source, &options.artifact_dir)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(|e| anyhow!("linking WASI HTTP: {e}"))?;
         let pre = linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
-        let state_dir = options.state_root.join(state_dir_name(&options.source));
-        Ok(Template { engine, pre, options, state_dir })
-    }
-
-    fn wasi(&self) -> Result<WasiCtx> {
-        std::fs::create_dir_all(&self.state_dir).with_context(|| format!("creating {}", self.state_dir.display()))?;
-        let mut wasi = WasiCtx::builder();
-        // Each instance owns a dedicated thread: blocking it on file I/O is
-        // fine, and far cheaper than a hop through an async thread pool per call.
-        wasi.allow_blocking_current_thread(true);
-        wasi.preopened_dir(&self.state_dir, "/state", FsPerms::ReadWrite)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("granting {}", self.state_dir.display()))?;
-        for grant in &self.options.dirs {
-            let perms = if grant.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
-            wasi.preopened_dir(&grant.host, &grant.guest, perms)
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("granting {}", grant.host.display()))?;
-        }
-        if self.options.show_stderr {
-            wasi.inherit_stderr();
-        }
-        Ok(wasi.build())
+        let state_dir = options.state_root.join(options.source.state_dir_name());
+        let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout);
+        Ok(Template { engine, pre, options, sandbox })
     }
 
     /// A fresh instance, and the plugin's description.
     pub fn instantiate(&self) -> Result<(Instance, Info)> {
-        let state = HostState { wasi: self.wasi()?, table: ResourceTable::new() };
+        let state = HostState {
+            wasi: self.sandbox.wasi()?,
+            http: WasiHttpCtx::new(),
+            gate: self.sandbox.http_gate(),
+            table: ResourceTable::new(),
+            limits: self.sandbox.limits(),
+        };
         let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(ticks(self.options.call_timeout));
         let plugin = self.pre.instantiate(&mut store).map_err(|e| anyhow!("instantiating: {e:#}"))?;
-        let mut instance = Instance { store, plugin, dead: false, busy: Duration::ZERO };
+        let mut instance =
+            Instance { store, plugin, timeout: self.options.call_timeout, dead: false, busy: Duration::ZERO, watch: None };
         let info = instance.describe().map_err(|e| anyhow!("describe: {e}"))?;
         Ok((instance, info))
     }
@@ -228,16 +286,8 @@ impl Template {
     }
 }
 
-fn engine_config() -> wasmtime::Config {
-    let mut config = wasmtime::Config::new();
-    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    config
-}
-
-/// A plugin name safe to use as a directory name.
-fn sanitize(name: &str) -> String {
-    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    if s.is_empty() { "plugin".into() } else { s }
+fn ticks(budget: Duration) -> u64 {
+    (budget.as_millis() / TICK.as_millis()) as u64 + 1
 }
 
 impl Instance {
@@ -245,27 +295,48 @@ impl Instance {
         self.dead
     }
 
-    /// Runs one call, timing it; a trap kills the instance (it would refuse
-    /// every later call anyway) and becomes `CallError::Trap`.
+    pub(crate) fn set_watch(&mut self, watch: Watch) {
+        self.watch = Some(watch);
+    }
+
+    /// The time a call moving `body_bytes` may take.
+    fn budget(&self, body_bytes: u64) -> Duration {
+        self.timeout + Duration::from_secs_f64(body_bytes as f64 / MIN_BODY_BYTES_PER_SEC)
+    }
+
+    /// Runs one call under a deadline, timing it. A trap, a timeout or the
+    /// memory limit kills the instance (it would refuse every later call).
     fn call<T>(
         &mut self,
+        budget: Duration,
         f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
+        self.store.set_epoch_deadline(ticks(budget));
+        if let Some(watch) = &self.watch {
+            watch.arm(budget);
+        }
         let started = Instant::now();
         let result = f(&self.plugin, &mut self.store);
         self.busy += started.elapsed();
+        if let Some(watch) = &self.watch {
+            watch.disarm();
+        }
         result.map_err(|e| {
             self.dead = true;
-            CallError::Trap(e.into())
+            if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                CallError::Timeout(budget)
+            } else {
+                CallError::Trap(e.into())
+            }
         })
     }
 
     fn describe(&mut self) -> Result<Info, CallError> {
-        self.call(|p, s| p.gocp_cache_backend().call_describe(s))
+        self.call(self.timeout, |p, s| p.gocp_cache_backend().call_describe(s))
     }
 
     fn open(&mut self, config: &[(String, String)]) -> Result<Capabilities, OpenError> {
-        match self.call(|p, s| p.gocp_cache_backend().call_open(s, config)) {
+        match self.call(self.timeout, |p, s| p.gocp_cache_backend().call_open(s, config)) {
             Ok(Ok(caps)) => Ok(caps),
             Ok(Err(bindings::Error::InvalidConfig(m))) => Err(OpenError::Config(m)),
             Ok(Err(e)) => Err(OpenError::Failed(plugin_error(e))),
@@ -275,10 +346,11 @@ impl Instance {
 
     /// The entry for `action_id`: `Ok(None)` is an ordinary miss.
     pub fn read_entry(&mut self, action_id: &Digest) -> Result<Option<Entry>, CallError> {
-        match self.call(|p, s| p.gocp_cache_backend().call_read_entry(s, &action_id.to_vec()))? {
+        let id = action_id.to_vec();
+        match self.call(self.timeout, |p, s| p.gocp_cache_backend().call_read_entry(s, &id))? {
             Ok(e) => {
                 let output_id = e.output_id.as_slice().try_into().map_err(|_| {
-                    CallError::Broken(format!("lookup returned an output id of {} bytes", e.output_id.len()))
+                    CallError::Broken(format!("read-entry returned an output id of {} bytes", e.output_id.len()))
                 })?;
                 Ok(Some(Entry { output_id, size: e.size, put_time_ns: e.put_time_ns }))
             }
@@ -288,8 +360,8 @@ impl Instance {
     }
 
     /// Has the plugin write the body of `output_id` into `writer`, refusing
-    /// more than `size` bytes. `Ok(false)` means the plugin does not have it.
-    /// The caller verifies what was written.
+    /// more than `size` bytes. `Ok(Err(()))` means the plugin does not have
+    /// it. The caller verifies what was written.
     pub fn read_body<W: Write + Send + 'static>(
         &mut self,
         output_id: &Digest,
@@ -300,7 +372,8 @@ impl Instance {
         let sink: DynOutputStream = Box::new(sink);
         let handle = self.store.data_mut().table.push(sink).map_err(|e| CallError::Trap(e.into()))?;
         let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
-        let result = self.call(|p, s| p.gocp_cache_backend().call_read_body(s, &output_id.to_vec(), size, borrowed));
+        let id = output_id.to_vec();
+        let result = self.call(self.budget(size), |p, s| p.gocp_cache_backend().call_read_body(s, &id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         let outcome = result?;
         let target = Arc::into_inner(target).expect("the sink was dropped with the table entry").into_inner().unwrap();
@@ -317,18 +390,21 @@ impl Instance {
         let source: DynInputStream = Box::new(streams::FileSource::new(file));
         let handle = self.store.data_mut().table.push(source).map_err(|e| CallError::Trap(e.into()))?;
         let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
-        let result = self.call(|p, s| p.gocp_cache_backend().call_write_body(s, &output_id.to_vec(), size, borrowed));
+        let id = output_id.to_vec();
+        let result =
+            self.call(self.budget(size), |p, s| p.gocp_cache_backend().call_write_body(s, &id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         result?.map_err(plugin_error)
     }
 
     pub fn write_entry(&mut self, action_id: &Digest, entry: &Entry) -> Result<(), CallError> {
         let wire = bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
-        self.call(|p, s| p.gocp_cache_backend().call_write_entry(s, &action_id.to_vec(), &wire))?.map_err(plugin_error)
+        let id = action_id.to_vec();
+        self.call(self.timeout, |p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
     }
 
     pub fn finish(&mut self) -> Result<(), CallError> {
-        self.call(|p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
+        self.call(self.timeout, |p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
     }
 }
 
@@ -338,14 +414,5 @@ fn plugin_error(e: bindings::Error) -> CallError {
         bindings::Error::Unavailable(m) => CallError::Unavailable(m),
         bindings::Error::Broken(m) => CallError::Broken(m),
         bindings::Error::InvalidConfig(m) => CallError::Broken(format!("invalid-config outside open: {m}")),
-    }
-}
-
-/// The directory under the state root that holds a plugin's `/state`: named
-/// after the plugin file, so that its data survives upgrades of the file.
-fn state_dir_name(source: &Source) -> String {
-    match source {
-        Source::Embedded(p) => sanitize(p.name),
-        Source::File(path) => sanitize(&path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
     }
 }

@@ -1,0 +1,307 @@
+//! What a plugin instance can reach, and how much it may use.
+//!
+//! Deny by default: a plugin sees its own `/state` directory and nothing else
+//! unless the user granted it: directories (`--allow-dir`), environment
+//! variables by name (`--allow-env`), network peers by host and port
+//! (`--allow-net`, enforced both for wasi:http, on the request's authority,
+//! and for wasi:sockets TCP, on the resolved address). Its stdout goes nowhere;
+//! its stderr reaches the user's terminal only when asked for, each line
+//! prefixed with the plugin's name. Memory is capped per instance.
+//!
+//! It owns building each instance's WASI context from those grants; it must
+//! never widen a grant (a refused request is refused, not retried elsewhere).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use wasmtime::StoreLimits;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{FsPerms, WasiCtx};
+use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
+
+/// A directory the user grants a plugin (`--allow-dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirGrant {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// A network peer the user grants a plugin (`--allow-net HOST:PORT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetGrant {
+    pub host: String,
+    pub port: u16,
+}
+
+impl NetGrant {
+    pub fn parse(s: &str) -> Result<NetGrant, String> {
+        let bad = || format!("expected HOST:PORT, got {s:?}");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = port.parse().map_err(|_| bad())?;
+        Ok(NetGrant { host: host.to_ascii_lowercase(), port })
+    }
+}
+
+/// Everything the user granted a plugin, and its limits.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    pub dirs: Vec<DirGrant>,
+    /// Names of host environment variables the plugin may read.
+    pub env: Vec<String>,
+    pub net: Vec<NetGrant>,
+    /// Linear memory per instance, in bytes.
+    pub memory: usize,
+    /// Prefix for the plugin's stderr lines, or None to discard them.
+    pub stderr_prefix: Option<String>,
+}
+
+/// The grants resolved once per plugin: environment values read, host names
+/// resolved, so that each new instance is cheap to set up.
+pub struct Sandbox {
+    state_dir: PathBuf,
+    grants: Grants,
+    env: Vec<(String, String)>,
+    net: Arc<NetPolicy>,
+}
+
+struct NetPolicy {
+    /// `host:port` pairs, for wasi:http requests (matched before any lookup).
+    authorities: Vec<NetGrant>,
+    /// Resolved addresses, for wasi:sockets TCP connects.
+    addrs: HashSet<SocketAddr>,
+    /// Longest a wasi:http request may wait to connect or between bytes.
+    timeout: Duration,
+}
+
+impl Sandbox {
+    pub fn new(state_dir: PathBuf, grants: Grants, timeout: Duration) -> Sandbox {
+        let env = grants.env.iter().filter_map(|name| std::env::var(name).ok().map(|v| (name.clone(), v))).collect();
+        // A name that does not resolve now (the remote is down, DNS is out)
+        // only means no TCP address is allowed for it this run: an outage
+        // must not stop the build.
+        let addrs = grants
+            .net
+            .iter()
+            .flat_map(|g| (g.host.as_str(), g.port).to_socket_addrs().into_iter().flatten())
+            .collect();
+        let net = Arc::new(NetPolicy { authorities: grants.net.clone(), addrs, timeout });
+        Sandbox { state_dir, grants, env, net }
+    }
+
+    pub fn wasi(&self) -> Result<WasiCtx> {
+        std::fs::create_dir_all(&self.state_dir).with_context(|| format!("creating {}", self.state_dir.display()))?;
+        let mut wasi = WasiCtx::builder();
+        // Each instance owns a dedicated thread: blocking it on file I/O is
+        // fine, and far cheaper than a hop through an async thread pool per call.
+        wasi.allow_blocking_current_thread(true);
+        wasi.preopened_dir(&self.state_dir, "/state", FsPerms::ReadWrite)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("granting {}", self.state_dir.display()))?;
+        for grant in &self.grants.dirs {
+            let perms = if grant.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+            wasi.preopened_dir(&grant.host, &grant.guest, perms)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("granting {}", grant.host.display()))?;
+        }
+        wasi.envs(&self.env);
+        if !self.grants.net.is_empty() {
+            let net = self.net.clone();
+            wasi.allow_tcp(true).allow_ip_name_lookup(true).socket_addr_check(move |addr, usage| {
+                let allowed = match usage {
+                    SocketAddrUse::TcpConnect => net.addrs.contains(&addr),
+                    // The implicit bind before a connect is to the wildcard address.
+                    SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                    _ => false,
+                };
+                Box::pin(async move { allowed })
+            });
+        }
+        if let Some(prefix) = &self.grants.stderr_prefix {
+            wasi.stderr(PrefixedStderr { prefix: prefix.clone() });
+        }
+        Ok(wasi.build())
+    }
+
+    pub fn limits(&self) -> StoreLimits {
+        wasmtime::StoreLimitsBuilder::new().memory_size(self.grants.memory).trap_on_grow_failure(true).build()
+    }
+
+    pub fn http_gate(&self) -> HttpGate {
+        HttpGate { net: self.net.clone() }
+    }
+}
+
+/// Decides each wasi:http request by its authority (host and port, the
+/// scheme's default port when none is given).
+pub struct HttpGate {
+    net: Arc<NetPolicy>,
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for HttpGate {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> SendFuture {
+        drop(fut);
+        let uri = request.uri();
+        let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 };
+        let allowed = uri.authority().is_some_and(|a| {
+            let host = a.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+            let port = a.port_u16().unwrap_or(default_port);
+            self.net.authorities.iter().any(|g| g.host == host && g.port == port)
+        });
+        if !allowed {
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        // The plugin may ask for patience, but never more than a call is given.
+        let limit = self.net.timeout;
+        let clamp = |t: Option<Duration>| Some(t.map_or(limit, |t| t.min(limit)));
+        let options = options.unwrap_or_default();
+        let options = RequestOptions {
+            connect_timeout: clamp(options.connect_timeout),
+            first_byte_timeout: clamp(options.first_byte_timeout),
+            between_bytes_timeout: clamp(options.between_bytes_timeout),
+        };
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+        })
+    }
+}
+
+/// The plugin's stderr, shown on the host's stderr one prefixed line at a time.
+struct PrefixedStderr {
+    prefix: String,
+}
+
+impl IsTerminal for PrefixedStderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for PrefixedStderr {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LinePrefixer::new(&self.prefix))
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LinePrefixer::new(&self.prefix))
+    }
+}
+
+/// Buffers a partial line so that each line appears whole, with the prefix.
+struct LinePrefixer {
+    prefix: String,
+    partial: Vec<u8>,
+}
+
+/// A plugin that never ends its line still may not grow this buffer forever.
+const MAX_LINE: usize = 16 * 1024;
+
+impl LinePrefixer {
+    fn new(prefix: &str) -> Self {
+        LinePrefixer { prefix: prefix.to_string(), partial: Vec::new() }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            out.extend_from_slice(self.prefix.as_bytes());
+            out.extend(self.partial.drain(..=i));
+        }
+        if self.partial.len() > MAX_LINE {
+            out.extend_from_slice(self.prefix.as_bytes());
+            out.append(&mut self.partial);
+            out.push(b'\n');
+        }
+        // Losing a diagnostic line is better than failing the plugin's call.
+        let _ = std::io::stderr().write_all(&out);
+    }
+}
+
+impl Drop for LinePrefixer {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            self.push(b"\n");
+        }
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LinePrefixer {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for LinePrefixer {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for LinePrefixer {
+    fn poll_write(mut self: Pin<&mut Self>, _: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_grants_parse() {
+        assert_eq!(NetGrant::parse("Cache.Example:8080").unwrap(), NetGrant { host: "cache.example".into(), port: 8080 });
+        assert_eq!(NetGrant::parse("[::1]:6379").unwrap(), NetGrant { host: "::1".into(), port: 6379 });
+        assert!(NetGrant::parse("nohost").is_err());
+        assert!(NetGrant::parse(":80").is_err());
+        assert!(NetGrant::parse("h:99999").is_err());
+    }
+}
