@@ -211,7 +211,13 @@ fn get(shared: &Arc<Shared>, plugin: &Plugin, id: i64, action_id: Digest) {
     let job = Job::new({
         let (shared, claimed) = (shared.clone(), claimed.clone());
         move |instance| {
+            // Checked again here: requests queued before the circuit opened
+            // must not each pay for the outage.
             let response = match instance {
+                _ if !shared.breaker.allows() => {
+                    Stats::add(&shared.stats.skipped_while_paused, 1);
+                    None
+                }
                 Some(instance) => lookup(&shared, instance, id, &action_id),
                 None => {
                     shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
@@ -383,6 +389,10 @@ fn put<R: BufRead>(
 /// Has the plugin record a put: the body first (if it keeps bodies), then the entry.
 fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, path: &Path) {
     let Some(instance) = instance else { return };
+    if !shared.breaker.allows() {
+        Stats::add(&shared.stats.local_only_puts, 1);
+        return;
+    }
     if shared.stores_bodies {
         let sent = File::open(path)
             .map_err(|e| CallError::Broken(format!("reopening {}: {e}", path.display())))

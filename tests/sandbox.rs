@@ -1,0 +1,294 @@
+//! An untrusted plugin can neither break the build nor reach what it was not
+//! granted. Each test runs a real go build through a deliberately hostile
+//! plugin (tests/plugins/hostile) and checks what the user would see: the
+//! build succeeds, and the outcome shows in --stats-json and the plugin's own
+//! report of what it managed to reach.
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// A module of two packages without imports: builds in a second, so the
+/// time goes into the plugin's behaviour, not into compiling the runtime.
+fn tiny_module(dir: &Path) {
+    let files = [
+        ("go.mod", "module example.com/tiny\n\ngo 1.22\n"),
+        ("a/a.go", "package a\n\nimport \"example.com/tiny/b\"\n\nfunc A() int { return b.B() + 1 }\n"),
+        ("b/b.go", "package b\n\nfunc B() int { return 41 }\n"),
+    ];
+    for (name, body) in files {
+        let path = dir.join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, body).unwrap();
+    }
+}
+
+struct Run {
+    stats: Value,
+    report: String,
+    stderr: String,
+}
+
+/// Builds the tiny module through the hostile plugin doing `attack`.
+fn build_through(attack: &str, extra: &[&str], env: &[(&str, &str)]) -> Run {
+    build_prepared(attack, extra, env, |_| {})
+}
+
+/// Like `build_through`, letting `prepare` set up the state directory first.
+fn build_prepared(attack: &str, extra: &[&str], env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Run {
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("module");
+    tiny_module(&module);
+    let state = tmp.path().join("state");
+    prepare(&state);
+    let stats = tmp.path().join("stats.json");
+    let plugin = test_plugin("hostile");
+    let mut prog = format!(
+        "{BIN} --dir {} --stats-json {} --plugin {} --plugin-timeout 300ms --config attack={attack}",
+        state.display(),
+        stats.display(),
+        plugin.display()
+    );
+    for e in extra {
+        prog.push(' ');
+        prog.push_str(e);
+    }
+    let mut cmd = std::process::Command::new("go");
+    cmd.args(["build", "./..."])
+        .current_dir(&module)
+        .env("GOCACHE", tmp.path().join("gocache"))
+        .env("GOCACHEPROG", &prog)
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env_remove("GOCP_TEST_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let out = cmd.output().expect("running go");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "the build must succeed despite attack={attack}:\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(120), "attack={attack} made the build hang");
+    let report = fs::read_to_string(state.join("plugins/hostile/report")).unwrap_or_default();
+    let stats = serde_json::from_slice(&fs::read(&stats).expect("stats written")).unwrap();
+    Run { stats, report, stderr }
+}
+
+fn count(stats: &Value, key: &str) -> u64 {
+    stats[key].as_u64().unwrap_or_else(|| panic!("no {key} in {stats}"))
+}
+
+#[test]
+fn files_outside_the_grants_are_out_of_reach() {
+    require_go();
+    let granted = tempfile::tempdir().unwrap();
+    fs::write(granted.path().join("hello.txt"), "hi").unwrap();
+    let grant = format!("--allow-dir {}:/granted:ro", granted.path().display());
+    let run = build_prepared("files", &[&grant], &[], |state| {
+        // A symlink planted in the plugin's own directory, pointing out of it.
+        let plugin_dir = state.join("plugins/hostile");
+        fs::create_dir_all(&plugin_dir).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", plugin_dir.join("planted")).unwrap();
+    });
+    for what in ["etc-passwd", "dotdot", "own-symlink", "planted-symlink"] {
+        let line = run.report.lines().find(|l| l.starts_with(&format!("{what}:"))).unwrap_or_else(|| panic!("{what} not tried:\n{}", run.report));
+        assert!(line.contains(": denied"), "{line}");
+    }
+    assert!(run.report.contains("granted-dir: ALLOWED"), "the granted directory is readable:\n{}", run.report);
+    // The granted directory was read-only.
+    assert_eq!(fs::read_dir(granted.path()).unwrap().count(), 1);
+}
+
+/// Serves `HTTP/1.1 200` to whoever connects, for a bounded time.
+fn local_http_server() -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let handle = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    (port, handle)
+}
+
+#[test]
+fn network_is_refused_unless_granted() {
+    require_go();
+    let (port, _server) = local_http_server();
+    let port_cfg = format!("--config port={port}");
+    let denied = build_through("net", &[&port_cfg], &[]);
+    assert!(denied.report.contains("tcp: denied"), "{}", denied.report);
+    assert!(denied.report.contains("http: denied (ErrorCode::HttpRequestDenied)"), "{}", denied.report);
+    assert!(!denied.report.contains("ALLOWED"), "{}", denied.report);
+
+    // Another port on the same host is still refused...
+    let other = format!("--allow-net 127.0.0.1:{}", port.wrapping_add(1).max(1));
+    let wrong_port = build_through("net", &[&port_cfg, &other], &[]);
+    assert!(!wrong_port.report.contains("ALLOWED"), "{}", wrong_port.report);
+
+    // ...and the granted one is reachable, over TCP and HTTP.
+    let grant = format!("--allow-net 127.0.0.1:{port}");
+    let allowed = build_through("net", &[&port_cfg, &grant], &[]);
+    assert!(allowed.report.contains("tcp: ALLOWED"), "{}", allowed.report);
+    assert!(allowed.report.contains("http: ALLOWED HTTP status 200"), "{}", allowed.report);
+}
+
+#[test]
+fn environment_variables_are_hidden_unless_granted() {
+    require_go();
+    let secret = [("GOCP_TEST_SECRET", "hunter2")];
+    let hidden = build_through("env", &[], &secret);
+    assert!(hidden.report.starts_with("env: denied"), "{}", hidden.report);
+    let shown = build_through("env", &["--allow-env GOCP_TEST_SECRET"], &secret);
+    assert!(shown.report.contains("env: ALLOWED GOCP_TEST_SECRET=hunter2"), "{}", shown.report);
+}
+
+#[test]
+fn a_plugin_writing_to_stdout_cannot_disturb_the_protocol() {
+    require_go();
+    let run = build_through("stdout", &[], &[]);
+    assert!(count(&run.stats, "gets") > 0, "{}", run.stats);
+    assert_eq!(count(&run.stats, "gets"), count(&run.stats, "misses"));
+    assert!(count(&run.stats, "puts") > 0);
+}
+
+#[test]
+fn runaway_calls_become_misses_and_the_plugin_is_replaced() {
+    require_go();
+    for (attack, counter) in [("loop", "plugin_timeouts"), ("alloc", "plugin_traps"), ("panic", "plugin_traps"), ("sleep", "plugin_stuck")] {
+        let run = build_through(attack, &["--plugin-memory 64MiB"], &[]);
+        let s = &run.stats;
+        assert!(count(s, counter) > 0, "attack={attack}: {s}");
+        assert_eq!(count(s, "hits"), 0, "attack={attack}: {s}");
+        assert_eq!(count(s, "gets"), count(s, "misses"), "every get answered, as a miss: {s}");
+        assert!(count(s, "puts") > 0, "puts still stored locally: {s}");
+        let gocp_lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("gocp:")).collect();
+        assert_eq!(gocp_lines.len(), 1, "one line on stderr for attack={attack}: {gocp_lines:?}");
+    }
+}
+
+#[test]
+fn a_failing_backend_is_paused_instead_of_paid_for_on_every_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let plugin = test_plugin("hostile");
+    let (d, st, p) = (tmp.path().to_str().unwrap(), stats.to_str().unwrap(), plugin.to_str().unwrap());
+    // A plugin that times out on every call: without the breaker, 60 gets
+    // would cost 60 timeouts.
+    let args = ["--dir", d, "--stats-json", st, "--plugin", p, "--config", "attack=loop", "--plugin-timeout", "200ms", "--instances", "1"];
+    let (mut s, _) = Session::start(&args);
+    let started = Instant::now();
+    for id in 1..=60 {
+        s.send_get(id, &sha256(&id.to_le_bytes()));
+    }
+    for _ in 0..60 {
+        assert_eq!(s.recv()["Miss"], json!(true));
+    }
+    let elapsed = started.elapsed();
+    s.send_close(61);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert!(count(&st, "breaker_trips") >= 1, "{st}");
+    assert!(count(&st, "skipped_while_paused") > 0, "{st}");
+    assert!(count(&st, "plugin_timeouts") < 30, "{st}");
+    assert!(elapsed < Duration::from_secs(12), "60 gets took {elapsed:?}: not paused");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn bytes_that_do_not_match_their_output_id_are_never_served() {
+    require_go();
+    let run = build_through("wrong-bytes", &[], &[]);
+    assert!(count(&run.stats, "rejected_bodies") > 0, "{}", run.stats);
+    assert_eq!(count(&run.stats, "hits"), 0, "{}", run.stats);
+    assert!(run.stderr.contains("rejected a body"), "{}", run.stderr);
+}
+
+fn require_go() {
+    assert!(go_available(), "the go command (>= 1.24) must be on PATH for these tests");
+}
+
+#[test]
+fn an_unwritable_state_directory_runs_the_build_uncached() {
+    require_go();
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("module");
+    tiny_module(&module);
+    let blocker = tmp.path().join("not-a-dir");
+    fs::write(&blocker, "a file where the state directory should be").unwrap();
+    let prog = format!("{BIN} --dir {}", blocker.join("state").display());
+    let out = go(&module, &tmp.path().join("gocache"), Some(&prog), &["build", "./..."]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("gocp:")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("cannot be written") && lines[0].contains("uncached"), "{stderr}");
+}
+
+/// Mounts a small tmpfs for the state directory: a disk that fills up.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Option<SmallDisk> {
+        fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk { path: path.to_path_buf() })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_disk_costs_cache_entries_not_the_build() {
+    require_go();
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&tmp.path().join("small"), "3m") else {
+        // Mounting needs root, which CI and this project's machines have.
+        panic!("cannot mount a tmpfs here (run the tests as root)");
+    };
+    let module = tmp.path().join("module");
+    write_module(&module);
+    let stats = tmp.path().join("stats.json");
+    let prog = format!("{BIN} --dir {} --stats-json {}", disk.path.join("state").display(), stats.display());
+    let out = go(&module, &tmp.path().join("gocache"), Some(&prog), &["build", "./..."]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // One line for the local store, and one for the plugin, whose own
+    // directory is on the same full disk: not one per put.
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("gocp:")).collect();
+    assert!((1..=2).contains(&lines.len()), "{stderr}");
+    assert!(lines.iter().any(|l| l.contains("local store") && l.contains("No space left")), "{stderr}");
+    let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert!(count(&st, "put_failures") > 0, "{st}");
+    assert!(count(&st, "puts") > count(&st, "put_failures"), "what fitted was stored: {st}");
+}
