@@ -56,7 +56,7 @@ fn sha_file(path: &Path) -> [u8; 32] {
 
 #[test]
 fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() {
-    assert!(go_available(), "the go command must be on PATH");
+    require_go();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let prog = format!("{BIN} --dir {}", state.display());

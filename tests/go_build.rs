@@ -16,10 +16,6 @@ fn stats(path: &Path) -> Value {
     serde_json::from_slice(&fs::read(path).expect("--stats-json was written")).unwrap()
 }
 
-fn require_go() {
-    assert!(go_available(), "the go command (>= 1.24) must be on PATH for these tests");
-}
-
 #[test]
 fn warm_build_from_the_disk_plugin_compiles_nothing_and_tests_are_cached() {
     require_go();

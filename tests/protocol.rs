@@ -249,20 +249,8 @@ fn truncated_body_leaves_no_file_and_exits() {
     assert_eq!(status.code(), Some(1));
     assert!(rest.is_empty());
     assert!(stderr.contains("input ended inside the body"), "{stderr}");
-    let objects: Vec<_> = walk(&dir.path().join("objects")).into_iter().filter(|p| !p.ends_with("last-trim")).collect();
+    let objects: Vec<_> = files_under(&dir.path().join("objects")).into_iter().filter(|p| !p.ends_with("last-trim")).collect();
     assert!(objects.is_empty(), "left behind: {objects:?}");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            out.extend(walk(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
 }
 
 #[test]

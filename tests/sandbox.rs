@@ -225,10 +225,6 @@ fn bytes_that_do_not_match_their_output_id_are_never_served() {
     assert!(run.stderr.contains("rejected a body"), "{}", run.stderr);
 }
 
-fn require_go() {
-    assert!(go_available(), "the go command (>= 1.24) must be on PATH for these tests");
-}
-
 #[test]
 fn an_unwritable_state_directory_runs_the_build_uncached() {
     require_go();

@@ -3,8 +3,8 @@
 //!
 //! Threads: this one reads requests (and decodes put bodies straight into the
 //! store, since the go command sends them in line); plugin threads answer gets
-//! and record puts; a writer thread sends responses as they come, in any order,
-//! batching whatever is ready into one write. A put is answered as soon as its
+//! and record puts. Whichever thread has a response writes it to stdout itself
+//! (see `Responder`), in any order. A put is answered as soon as its
 //! body is stored locally; the plugin records it in the background, and all of
 //! that is drained before the close reply. Until the plugin has recorded a put,
 //! gets for that action are answered from the put itself, so a go command
@@ -15,7 +15,7 @@
 //! nothing could be stored). Repeated outages pause the plugin (see
 //! `breaker`); a call stuck past its deadline gets its request answered by
 //! the pool's watchdog, and every request is answered exactly once. It must
-//! never write to stdout except through the writer thread.
+//! never write to stdout except through its `Responder`.
 
 use std::fs::File;
 use std::io::{self, BufRead, Write};
@@ -23,10 +23,7 @@ use std::path::{Path, PathBuf};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use crossbeam_channel::{Receiver, Sender};
 
 use crate::breaker::Breaker;
 use crate::plugin::{CallError, Entry, Instance, Job, Plugin};
@@ -62,7 +59,7 @@ struct Shared {
     stats: Stats,
     problems: Problems,
     stores_bodies: bool,
-    responses: Sender<Out>,
+    responder: Responder,
     /// Puts answered but not yet recorded by the plugin.
     pending: Mutex<HashMap<Digest, Entry>>,
     breaker: Breaker,
@@ -72,23 +69,15 @@ struct Shared {
 /// claim far beyond that is a broken plugin, not a cache entry.
 const MAX_PLUGIN_BODY: u64 = 64 << 30;
 
-enum Out {
-    Response(Response),
-    /// Everything is answered: flush and stop.
-    End,
-}
-
 pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRead, output: File) -> Outcome {
     let started = Instant::now();
     let mut plugin = plugin;
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let writer = spawn_writer(output, rx);
     let shared = Arc::new(Shared {
         store,
         stats: Stats::default(),
         problems: Problems::new(&plugin.info.name),
         stores_bodies: plugin.capabilities.stores_bodies,
-        responses: tx,
+        responder: Responder::new(output),
         pending: Mutex::new(HashMap::new()),
         breaker: Breaker::default(),
     });
@@ -136,8 +125,8 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
         // Never an error: cmd/go would fail a successful build over it.
         shared.respond(Response { id, ..Default::default() });
     }
-    let _ = shared.responses.send(Out::End);
-    let _ = writer.join();
+    // The go command waits for end of file on our stdout before it exits.
+    shared.responder.close();
 
     let summary = shared.stats.summary(&plugin_label(&plugin), plugin.pool.busy(), started.elapsed(), &shutdown, shared.breaker.trips());
     Outcome { ending, summary }
@@ -146,11 +135,8 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
 /// Serves a go command without a cache, when the local store cannot be used:
 /// announces only `close`, so the build goes on, uncached.
 pub fn serve_uncached(input: impl BufRead, output: File) -> Ending {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let writer = spawn_writer(output, rx);
-    let respond = |r: Response| {
-        let _ = tx.send(Out::Response(r));
-    };
+    let responder = Responder::new(output);
+    let respond = |r: Response| responder.send(&r);
     respond(Response::capabilities(UNCACHED_COMMANDS));
     let mut decoder = Decoder::new(input);
     let ending = loop {
@@ -174,8 +160,7 @@ pub fn serve_uncached(input: impl BufRead, output: File) -> Ending {
             },
         }
     };
-    let _ = tx.send(Out::End);
-    let _ = writer.join();
+    responder.close();
     ending
 }
 
@@ -185,9 +170,7 @@ fn plugin_label(plugin: &Plugin) -> String {
 
 impl Shared {
     fn respond(&self, response: Response) {
-        // The writer only stops at End or when the go command is gone; either
-        // way there is nobody left to answer.
-        let _ = self.responses.send(Out::Response(response));
+        self.responder.send(&response);
     }
 }
 
@@ -481,37 +464,59 @@ fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-fn spawn_writer(output: File, rx: Receiver<Out>) -> JoinHandle<()> {
-    thread::Builder::new()
-        .name("responses".into())
-        .spawn(move || {
-            let mut output = output;
-            let mut buf = Vec::with_capacity(64 * 1024);
-            let mut ended = false;
-            while !ended {
-                let Ok(first) = rx.recv() else { break };
-                let mut next = Some(first);
-                // Batch whatever is ready: one write for many responses.
-                while let Some(msg) = next.take() {
-                    match msg {
-                        Out::Response(r) => r.encode(&mut buf),
-                        Out::End => {
-                            ended = true;
-                            break;
-                        }
-                    }
-                    if buf.len() < 1 << 20 {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                if output.write_all(&buf).is_err() {
-                    // The go command is gone; nothing more can be delivered.
-                    break;
-                }
-                buf.clear();
+/// Sends responses to the go command. The thread that has a response writes
+/// it to stdout itself: handing it to a writer thread would add a wake-up to
+/// every request's latency. When several threads answer at once, the one
+/// writing takes the others' responses along in its next write, so the rest
+/// return at once and no line is ever split.
+struct Responder {
+    pending: Mutex<Pending>,
+    /// None once closed, or once the go command stopped reading.
+    out: Mutex<Option<File>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// A thread is writing; it will also write whatever is added meanwhile.
+    writing: bool,
+}
+
+impl Responder {
+    fn new(out: File) -> Responder {
+        Responder { pending: Mutex::new(Pending::default()), out: Mutex::new(Some(out)) }
+    }
+
+    fn send(&self, response: &Response) {
+        let mut pending = self.pending.lock().unwrap();
+        response.encode(&mut pending.bytes);
+        if pending.writing {
+            return;
+        }
+        pending.writing = true;
+        loop {
+            let batch = std::mem::take(&mut pending.bytes);
+            if batch.is_empty() {
+                pending.writing = false;
+                return;
             }
-        })
-        .expect("spawning the response writer")
+            drop(pending);
+            let mut out = self.out.lock().unwrap();
+            if let Some(file) = out.as_mut()
+                && file.write_all(&batch).is_err()
+            {
+                // The go command is gone; nothing more can be delivered.
+                *out = None;
+            }
+            drop(out);
+            pending = self.pending.lock().unwrap();
+        }
+    }
+
+    /// Closes stdout: the go command sees end of file. Later sends are dropped.
+    fn close(&self) {
+        self.out.lock().unwrap().take();
+    }
 }
 
 /// The kinds of trouble worth one line on stderr.

@@ -192,9 +192,27 @@ pub fn run_host(args: &[&str]) -> Output {
     Command::new(BIN).args(args).stdin(Stdio::piped()).output().expect("running gocp-host")
 }
 
-/// The go command, or None (and a note) when it is not installed.
+/// Whether the go command can be run.
 pub fn go_available() -> bool {
     Command::new("go").arg("version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Fails the test, with the reason, when there is no go command to test with.
+pub fn require_go() {
+    assert!(go_available(), "the go command (>= 1.24) must be on PATH for these tests");
+}
+
+/// Every file below `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 /// A go command with a controlled environment: its own GOCACHE, no network,

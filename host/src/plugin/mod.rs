@@ -246,8 +246,11 @@ impl Template {
         let component = component(&engine, &options.source, &options.artifact_dir)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
-            .map_err(|e| anyhow!("linking WASI HTTP: {e}"))?;
+        // Defining wasi:http costs start-up time on every run: only for those who use it.
+        if component.component_type().imports(&engine).any(|(name, _)| name.starts_with("wasi:http/")) {
+            wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+                .map_err(|e| anyhow!("linking WASI HTTP: {e}"))?;
+        }
         let pre = linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;

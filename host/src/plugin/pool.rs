@@ -254,17 +254,11 @@ impl Worker {
     /// this worker (a replacement has taken its place and will report).
     fn run(&mut self) -> Option<WorkerReport> {
         let mut started_once = self.instance.is_some();
+        // Start before taking jobs, so that no request waits for an instance
+        // to be made while another one stands ready.
+        self.start(&mut started_once);
         while let Ok(job) = self.inner.jobs.recv() {
-            if self.instance.is_none() {
-                // A failure to start again is reported by the jobs themselves,
-                // as misses; the next job tries again.
-                self.instance = self.inner.template.instantiate_open().ok();
-                if let Some(i) = self.instance.as_mut() {
-                    i.set_watch(self.watch.clone());
-                    self.restarts += u64::from(started_once);
-                    started_once = true;
-                }
-            }
+            self.start(&mut started_once);
             self.watch.begin(job.on_stuck);
             (job.run)(self.instance.as_mut());
             self.account();
@@ -281,6 +275,20 @@ impl Worker {
             return None;
         }
         Some(WorkerReport { finish_error, restarts: self.restarts })
+    }
+
+    /// Makes an instance if there is none. A failure to start is reported by
+    /// the jobs themselves, as misses; the next job tries again.
+    fn start(&mut self, started_once: &mut bool) {
+        if self.instance.is_some() {
+            return;
+        }
+        self.instance = self.inner.template.instantiate_open().ok();
+        if let Some(i) = self.instance.as_mut() {
+            i.set_watch(self.watch.clone());
+            self.restarts += u64::from(*started_once);
+            *started_once = true;
+        }
     }
 
     fn account(&mut self) {

@@ -1,0 +1,432 @@
+//! gocp-bench: measures gocp-host against the go command's builtin cache, side
+//! by side in one run, and prints every figure next to its bar.
+//!
+//! Builds alternate between the two caches (A B A B ...) so that a noisy
+//! neighbour hurts both alike, and every figure is a median. Nothing here
+//! fails on a timing: it reports.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use clap::Parser;
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks gocp-host against the go command's builtin cache")]
+struct Args {
+    /// The gocp-host binary to measure.
+    #[arg(long, default_value = "target/release/gocp-host")]
+    host: PathBuf,
+    /// Warm build runs per cache (alternating); medians are reported.
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// Cold build runs per cache (each compiles everything: minutes).
+    #[arg(long, default_value_t = 3)]
+    cold_runs: usize,
+    /// A short run that checks the benchmark works (CI): small package sets,
+    /// few runs, a 64 MiB body. Its figures are not the ones to quote.
+    #[arg(long)]
+    quick: bool,
+    /// Where to keep caches and state (a fresh temporary directory by default).
+    #[arg(long)]
+    work: Option<PathBuf>,
+}
+
+/// One line of the result table.
+struct Row {
+    figure: String,
+    gocp: String,
+    builtin: String,
+    value: f64,
+    bar: Bar,
+}
+
+enum Bar {
+    /// The value must be at most `bar`; `goal` is where we aim.
+    AtMost { bar: f64, goal: f64 },
+    AtLeast { bar: f64, goal: f64 },
+    /// Shown for context; no bar.
+    None,
+}
+
+impl Row {
+    fn verdict(&self) -> &'static str {
+        match self.bar {
+            Bar::AtMost { bar, goal } if self.value <= goal => if self.value <= bar { "goal" } else { "MISSED" },
+            Bar::AtMost { bar, .. } => if self.value <= bar { "ok" } else { "MISSED" },
+            Bar::AtLeast { goal, .. } if self.value >= goal => "goal",
+            Bar::AtLeast { bar, .. } => if self.value >= bar { "ok" } else { "MISSED" },
+            Bar::None => "-",
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+struct Bench {
+    host: PathBuf,
+    work: PathBuf,
+    quick: bool,
+}
+
+impl Bench {
+    fn gocacheprog(&self, state: &Path) -> String {
+        format!("{} --dir {}", self.host.display(), state.display())
+    }
+
+    /// Runs `go build PKGS` with the given caches; returns the wall time.
+    fn go_build(&self, pkgs: &[&str], gocache: &Path, prog: Option<&str>) -> Result<Duration> {
+        let mut cmd = Command::new("go");
+        cmd.arg("build").args(pkgs).current_dir(&self.work).env("GOCACHE", gocache).env("GOFLAGS", "");
+        cmd.env("GOTOOLCHAIN", "local").env_remove("GOCACHEPROG").stdout(Stdio::null()).stderr(Stdio::piped());
+        if let Some(p) = prog {
+            cmd.env("GOCACHEPROG", p);
+        }
+        let started = Instant::now();
+        let out = cmd.output().context("running go")?;
+        let took = started.elapsed();
+        ensure!(out.status.success(), "go build {pkgs:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Ok(took)
+    }
+
+    /// Warm builds, alternating between the caches; returns (gocp, builtin) medians.
+    fn warm(&self, name: &str, pkgs: &[&str], runs: usize) -> Result<(f64, f64)> {
+        let builtin = self.work.join(format!("{name}-builtin-cache"));
+        let state = self.work.join(format!("{name}-gocp-state"));
+        let prog = self.gocacheprog(&state);
+        // Fill both caches once; the go command's own GOCACHE is emptied for
+        // every gocp run, so that everything comes from gocp.
+        self.go_build(pkgs, &builtin, None)?;
+        self.go_build(pkgs, &self.work.join(format!("{name}-fill")), Some(&prog))?;
+        let (mut g, mut b) = (Vec::new(), Vec::new());
+        for i in 0..runs {
+            let empty = self.work.join(format!("{name}-empty-{i}"));
+            g.push(self.go_build(pkgs, &empty, Some(&prog))?.as_secs_f64());
+            b.push(self.go_build(pkgs, &builtin, None)?.as_secs_f64());
+            let _ = fs::remove_dir_all(&empty);
+        }
+        Ok((median(&mut g), median(&mut b)))
+    }
+
+    /// Cold builds from empty caches, alternating; returns (gocp, builtin)
+    /// medians and the disk use of each cache after its last run.
+    fn cold(&self, name: &str, pkgs: &[&str], runs: usize) -> Result<((f64, f64), (u64, u64))> {
+        let (mut g, mut b) = (Vec::new(), Vec::new());
+        let mut sizes = (0, 0);
+        for i in 0..runs {
+            let state = self.work.join(format!("{name}-cold-state-{i}"));
+            let gocache = self.work.join(format!("{name}-cold-gocache-{i}"));
+            let builtin = self.work.join(format!("{name}-cold-builtin-{i}"));
+            g.push(self.go_build(pkgs, &gocache, Some(&self.gocacheprog(&state)))?.as_secs_f64());
+            b.push(self.go_build(pkgs, &builtin, None)?.as_secs_f64());
+            // gocp's disk use is its state plus what the go command still
+            // writes to its own GOCACHE alongside.
+            sizes = (disk_usage(&state) + disk_usage(&gocache), disk_usage(&builtin));
+            for d in [state, gocache, builtin] {
+                let _ = fs::remove_dir_all(d);
+            }
+        }
+        Ok(((median(&mut g), median(&mut b)), sizes))
+    }
+}
+
+/// Bytes allocated on disk under `dir` (blocks, not apparent sizes).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
+/// gocp-host spoken to directly, as cmd/go does.
+struct Host {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Host {
+    fn start(host: &Path, state: &Path) -> Result<(Host, Instant)> {
+        let started = Instant::now();
+        let mut child = Command::new(host)
+            .args(["--dir", state.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting gocp-host")?;
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut caps = String::new();
+        stdout.read_line(&mut caps)?;
+        ensure!(caps.contains("KnownCommands"), "unexpected first line {caps:?}");
+        Ok((Host { child, stdin, stdout }, started))
+    }
+
+    fn line(&mut self) -> Result<String> {
+        let mut l = String::new();
+        ensure!(self.stdout.read_line(&mut l)? > 0, "gocp-host closed its stdout");
+        Ok(l)
+    }
+
+    fn close(mut self) -> Result<u64> {
+        write!(self.stdin, "{{\"ID\":999999999,\"Command\":\"close\"}}\n\n")?;
+        self.stdin.flush()?;
+        self.line()?;
+        let peak = peak_rss_kib(self.child.id());
+        drop(self.stdin);
+        self.child.wait()?;
+        Ok(peak)
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn action(n: u64) -> String {
+    BASE64.encode(Sha256::digest(format!("bench action {n}")))
+}
+
+fn get_line(id: u64, action: &str) -> String {
+    format!("{{\"ID\":{id},\"Command\":\"get\",\"ActionID\":\"{action}\"}}\n\n")
+}
+
+fn put_line(id: u64, action: &str, body: &[u8]) -> String {
+    let out = BASE64.encode(Sha256::digest(body));
+    format!(
+        "{{\"ID\":{id},\"Command\":\"put\",\"ActionID\":\"{action}\",\"OutputID\":\"{out}\",\"BodySize\":{}}}\n\n\"{}\"\n",
+        body.len(),
+        BASE64.encode(body)
+    )
+}
+
+/// Spawn to first get answered, repeated; the median, in milliseconds.
+fn startup(host: &Path, work: &Path, runs: usize) -> Result<f64> {
+    let state = work.join("startup-state");
+    // The first start compiles the plugin; every later one is what users pay.
+    Host::start(host, &state)?.0.close()?;
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let (mut h, started) = Host::start(host, &state)?;
+        h.stdin.write_all(get_line(1, &action(i as u64)).as_bytes())?;
+        h.stdin.flush()?;
+        h.line()?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        h.close()?;
+    }
+    Ok(median(&mut times))
+}
+
+/// Writes all of `requests` from another thread (as cmd/go's workers do)
+/// while reading `n` responses; returns requests per second.
+fn pipelined(h: &mut Host, requests: String, n: u64) -> Result<f64> {
+    let mut stdin = h.stdin.try_clone_handle()?;
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || stdin.write_all(requests.as_bytes()));
+    for _ in 0..n {
+        let l = h.line()?;
+        ensure!(!l.contains("\"Err\""), "error response {l}");
+    }
+    writer.join().unwrap()?;
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+trait CloneHandle {
+    fn try_clone_handle(&self) -> Result<fs::File>;
+}
+
+impl CloneHandle for ChildStdin {
+    fn try_clone_handle(&self) -> Result<fs::File> {
+        use std::os::fd::AsFd;
+        Ok(fs::File::from(self.as_fd().try_clone_to_owned()?))
+    }
+}
+
+/// Pipelined small puts, then pipelined gets of those entries (all hits).
+fn throughput(host: &Path, work: &Path, n: u64) -> Result<(f64, f64)> {
+    let state = work.join("throughput-state");
+    let (mut h, _) = Host::start(host, &state)?;
+    let mut puts = String::new();
+    for i in 0..n {
+        puts.push_str(&put_line(i + 1, &action(i), format!("small output {i}").as_bytes()));
+    }
+    let put_rate = pipelined(&mut h, puts, n)?;
+    let mut gets = String::new();
+    for i in 0..n {
+        gets.push_str(&get_line(n + i + 1, &action(i)));
+    }
+    let get_rate = pipelined(&mut h, gets, n)?;
+    h.close()?;
+    Ok((put_rate, get_rate))
+}
+
+/// One body of `size` bytes put and got back; (seconds, peak RSS in MiB).
+fn big_body(host: &Path, work: &Path, size: u64) -> Result<(f64, f64)> {
+    let state = work.join("big-state");
+    let (mut h, _) = Host::start(host, &state)?;
+    let chunk: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let mut hash = Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        hash.update(&chunk[..n]);
+        left -= n as u64;
+    }
+    let output = BASE64.encode(hash.finalize());
+    let started = Instant::now();
+    let mut stdin = h.stdin.try_clone_handle()?;
+    let a = action(u64::MAX);
+    let head = format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{output}\",\"BodySize\":{size}}}\n\n\"");
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        stdin.write_all(head.as_bytes())?;
+        let mut left = size;
+        let mut encoded = String::new();
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            encoded.clear();
+            BASE64.encode_string(&chunk[..n], &mut encoded);
+            stdin.write_all(encoded.as_bytes())?;
+            left -= n as u64;
+        }
+        stdin.write_all(b"\"\n")?;
+        stdin.write_all(get_line(2, &a).as_bytes())
+    });
+    let put = h.line()?;
+    ensure!(put.contains("DiskPath"), "big put failed: {put}");
+    let got = h.line()?;
+    ensure!(got.contains(&format!("\"Size\":{size}")), "big get failed: {got}");
+    writer.join().unwrap()?;
+    let took = started.elapsed().as_secs_f64();
+    let peak = h.close()? as f64 / 1024.0;
+    Ok((took, peak))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let host = std::path::absolute(&args.host)?;
+    ensure!(host.exists(), "{} not found: build it with `cargo build --release`", host.display());
+    let tmp;
+    let work = match &args.work {
+        Some(w) => {
+            fs::create_dir_all(w)?;
+            std::path::absolute(w)?
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("gocp-bench-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let bench = Bench { host: host.clone(), work: work.clone(), quick: args.quick };
+    let go_version = Command::new("go").arg("version").output().context("the go command is needed")?;
+    if !go_version.status.success() {
+        bail!("go version failed");
+    }
+    let (runs, cold_runs) = if args.quick { (2, 1) } else { (args.runs, args.cold_runs) };
+    let std_pkgs: &[&str] = if bench.quick { &["fmt", "encoding/json"] } else { &["std"] };
+    let module: &[&str] = if bench.quick { &["cmd/internal/obj/..."] } else { &["cmd/compile/internal/..."] };
+    let mut rows = Vec::new();
+    let ratio_row = |figure: &str, (g, b): (f64, f64), bar: f64, goal: f64| Row {
+        figure: figure.to_string(),
+        gocp: format!("{g:.3} s"),
+        builtin: format!("{b:.3} s"),
+        value: g / b,
+        bar: Bar::AtMost { bar, goal },
+    };
+
+    eprintln!("warm builds ({runs} alternating runs each)...");
+    rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", std_pkgs.join(" ")), bench.warm("std", std_pkgs, runs)?, 1.10, 1.05));
+    rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", module.join(" ")), bench.warm("module", module, runs)?, 1.10, 1.05));
+
+    eprintln!("cold builds ({cold_runs} alternating runs each)...");
+    let (times, (gocp_bytes, builtin_bytes)) = bench.cold("std", std_pkgs, cold_runs)?;
+    rows.push(ratio_row(&format!("cold go build {}, gocp / builtin", std_pkgs.join(" ")), times, 1.10, 1.03));
+    rows.push(Row {
+        figure: format!("disk after cold go build {}, gocp / builtin", std_pkgs.join(" ")),
+        gocp: format!("{:.1} MiB", gocp_bytes as f64 / 1048576.0),
+        builtin: format!("{:.1} MiB", builtin_bytes as f64 / 1048576.0),
+        value: gocp_bytes as f64 / builtin_bytes as f64,
+        bar: Bar::AtMost { bar: 1.10, goal: 1.0 },
+    });
+
+    eprintln!("start-up...");
+    let start_ms = startup(&host, &work, if args.quick { 10 } else { 50 })?;
+    rows.push(Row {
+        figure: "spawn to first get answered, median (ms)".into(),
+        gocp: format!("{start_ms:.2} ms"),
+        builtin: "-".into(),
+        value: start_ms,
+        bar: Bar::AtMost { bar: 5.0, goal: 2.0 },
+    });
+
+    eprintln!("protocol throughput...");
+    let n = if args.quick { 5_000 } else { 100_000 };
+    let (put_rate, get_rate) = throughput(&host, &work, n)?;
+    rows.push(Row {
+        figure: format!("pipelined small gets (hits), per second, {n}"),
+        gocp: format!("{get_rate:.0} /s"),
+        builtin: "-".into(),
+        value: get_rate,
+        bar: Bar::AtLeast { bar: 50_000.0, goal: 150_000.0 },
+    });
+    rows.push(Row {
+        figure: format!("pipelined small puts, per second, {n} (context)"),
+        gocp: format!("{put_rate:.0} /s"),
+        builtin: "-".into(),
+        value: put_rate,
+        bar: Bar::None,
+    });
+
+    let size: u64 = if args.quick { 64 << 20 } else { 1 << 30 };
+    eprintln!("big body ({} MiB)...", size >> 20);
+    let (secs, peak) = big_body(&host, &work, size)?;
+    rows.push(Row {
+        figure: format!("peak host RSS during a {} MiB put + get (MiB)", size >> 20),
+        gocp: format!("{peak:.0} MiB in {secs:.2} s"),
+        builtin: "-".into(),
+        value: peak,
+        bar: Bar::AtMost { bar: 256.0, goal: 64.0 },
+    });
+
+    let mut table = String::new();
+    writeln!(table, "\n{}", String::from_utf8_lossy(&go_version.stdout).trim())?;
+    writeln!(table, "| figure | gocp | builtin | value | bar | goal | verdict |")?;
+    writeln!(table, "|---|---|---|---|---|---|---|")?;
+    for r in &rows {
+        let (bar, goal) = match r.bar {
+            Bar::AtMost { bar, goal } => (format!("<= {bar}"), format!("{goal}")),
+            Bar::AtLeast { bar, goal } => (format!(">= {bar}"), format!("{goal}")),
+            Bar::None => ("-".into(), "-".into()),
+        };
+        writeln!(table, "| {} | {} | {} | {:.3} | {bar} | {goal} | {} |", r.figure, r.gocp, r.builtin, r.value, r.verdict())?;
+    }
+    if args.quick {
+        writeln!(table, "\n(--quick: a check that the benchmark runs, not figures to quote)")?;
+    }
+    print!("{table}");
+    Ok(())
+}
