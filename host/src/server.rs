@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -333,7 +333,20 @@ fn put<R: BufRead>(
             return Ok(());
         }
     };
-    shared.respond(Response { id, disk_path: Some(path_string(path.clone())), ..Default::default() });
+    // Opened before answering: once the go command has its answer, the file
+    // may be trimmed or removed, but the plugin still gets the body.
+    let body = if shared.stores_bodies {
+        match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                shared.problems.report(Problem::Store, format!("local store: reopening {}: {e}", path.display()));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    shared.respond(Response { id, disk_path: Some(path_string(path)), ..Default::default() });
 
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
@@ -361,7 +374,7 @@ fn put<R: BufRead>(
     let shared = shared.clone();
     plugin.pool.submit(
         Job::new(move |instance| {
-            record(&shared, instance, &action_id, &entry, &path);
+            record(&shared, instance, &action_id, &entry, body);
             forget();
         })
         .on_stuck(stuck),
@@ -369,18 +382,17 @@ fn put<R: BufRead>(
     Ok(())
 }
 
-/// Has the plugin record a put: the body first (if it keeps bodies), then the entry.
-fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, path: &Path) {
+/// Has the plugin record a put: the body first (if it keeps bodies, from the
+/// file opened for it), then the entry.
+fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, body: Option<File>) {
     let Some(instance) = instance else { return };
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
         return;
     }
     if shared.stores_bodies {
-        let sent = File::open(path)
-            .map_err(|e| CallError::Broken(format!("reopening {}: {e}", path.display())))
-            .and_then(|file| instance.write_body(&entry.output_id, entry.size, file));
-        if let Err(e) = sent {
+        let Some(file) = body else { return };
+        if let Err(e) = instance.write_body(&entry.output_id, entry.size, file) {
             // An entry without its body would be a miss elsewhere anyway.
             shared.plugin_failed(&e);
             return;
