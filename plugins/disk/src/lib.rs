@@ -23,9 +23,12 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File};
 use std::hash::BuildHasher;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use wasip2::filesystem::preopens::get_directories;
+use wasip2::filesystem::types::{Descriptor, DescriptorFlags, ErrorCode, NewTimestamp, OpenFlags, PathFlags};
 
 use gocp_plugin_sdk::{
     copy_from_stream, copy_to_stream, export_backend, hex, parse_hex, Backend, Capabilities, Config, ConfigKey,
@@ -39,9 +42,15 @@ const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(86_400);
 /// How stale a file's time may get before a use refreshes it: writing a time on
 /// every hit would cost a metadata write per cache hit.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
+/// Longer than any entry line (`v1`, 64 hex digits, two numbers).
+const MAX_ENTRY_LINE: u64 = 256;
 
 struct Disk {
     root: PathBuf,
+    /// The preopened directory that holds `root`, and `root` relative to it:
+    /// lookups open entries through it with one host call.
+    preopen: Descriptor,
+    relative_root: String,
     bodies: bool,
     max_age: Duration,
     max_size: u64,
@@ -51,6 +60,12 @@ struct Disk {
 }
 
 impl Disk {
+    /// An entry's path relative to the preopened directory.
+    fn entry_relative(&self, action_id: &Digest) -> String {
+        let h = hex(action_id);
+        format!("{}entries/{}/{h}", self.relative_root, &h[..2])
+    }
+
     fn entry_path(&self, action_id: &Digest) -> PathBuf {
         let h = hex(action_id);
         self.root.join("entries").join(&h[..2]).join(h)
@@ -157,35 +172,41 @@ impl Backend for Disk {
         fs::create_dir_all(root.join("entries")).map_err(|e| {
             Error::InvalidConfig(format!("path={}: cannot create a directory there ({e}); is it granted with --allow-dir?", root.display()))
         })?;
-        let disk = Disk { root, bodies, max_age, max_size, trim_interval, random: RandomState::new(), tmp_counter: 0 };
+        let (preopen, relative_root) = locate(&root).ok_or_else(|| {
+            Error::InvalidConfig(format!("path={}: not inside a granted directory (grant one with --allow-dir)", root.display()))
+        })?;
+        let disk = Disk {
+            root,
+            preopen,
+            relative_root,
+            bodies,
+            max_age,
+            max_size,
+            trim_interval,
+            random: RandomState::new(),
+            tmp_counter: 0,
+        };
         Ok((disk, Capabilities { stores_bodies: bodies }))
     }
 
     fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
-        // This is the whole cost of a cache hit: one open, reads and a stat on
-        // the handle, each a call into the host.
-        let path = self.entry_path(action_id);
-        let mut file = match File::open(&path) {
+        // This is the whole cost of a cache hit, so it talks to the WASI
+        // filesystem directly: open, one positional read, one stat. Through
+        // std, each read would also create and drop a stream.
+        let path = self.entry_relative(action_id);
+        let file = match self.preopen.open_at(PathFlags::empty(), &path, OpenFlags::empty(), DescriptorFlags::READ) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound),
-            Err(e) => return Err(Error::broken(&format!("opening {}", path.display()), e)),
+            Err(ErrorCode::NoEntry) => return Err(Error::NotFound),
+            Err(e) => return Err(Error::broken(&format!("opening {path}"), e)),
         };
-        let mut buf = [0u8; 256];
-        let mut len = 0;
-        loop {
-            match file.read(&mut buf[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(e) => return Err(Error::broken(&format!("reading {}", path.display()), e)),
-            }
-            if len == buf.len() {
-                // No entry line is this long: not ours.
-                return Err(Error::NotFound);
-            }
-        }
+        let (bytes, _) = file.read(MAX_ENTRY_LINE, 0).map_err(|e| Error::broken(&format!("reading {path}"), e))?;
         // A line that does not parse is a miss to be overwritten, not an outage.
-        let entry = std::str::from_utf8(&buf[..len]).ok().and_then(parse_entry).ok_or(Error::NotFound)?;
-        touch_if_stale(&file);
+        let entry = std::str::from_utf8(&bytes).ok().and_then(parse_entry).ok_or(Error::NotFound)?;
+        let modified = file.stat().ok().and_then(|s| s.data_modification_timestamp);
+        if modified.is_none_or(|t| is_stale(UNIX_EPOCH + Duration::new(t.seconds, t.nanoseconds))) {
+            // Only trimming precision depends on this; a failure is not worth a word.
+            let _ = self.preopen.set_times_at(PathFlags::empty(), &path, NewTimestamp::NoChange, NewTimestamp::Now);
+        }
         Ok(entry)
     }
 
@@ -206,7 +227,10 @@ impl Backend for Disk {
             return Err(Error::NotFound);
         }
         copy_to_stream(&mut file, sink)?;
-        touch_if_stale(&file);
+        if file.metadata().and_then(|m| m.modified()).is_ok_and(is_stale) {
+            // Reopened for writing only now and then; failing only costs trimming precision.
+            let _ = File::options().write(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+        }
         Ok(())
     }
 
@@ -248,14 +272,25 @@ fn parse_entry(text: &str) -> Option<Entry> {
     fields.next().is_none().then_some(Entry { output_id, size, put_time_ns })
 }
 
-/// Records a use in the file's modification time, unless it is recent already.
-/// Failing to do so only makes trimming less precise, so errors are ignored.
-fn touch_if_stale(file: &File) {
-    let now = SystemTime::now();
-    let Ok(meta) = file.metadata() else { return };
-    if now.duration_since(meta.modified().unwrap_or(UNIX_EPOCH)).unwrap_or_default() > TOUCH_INTERVAL {
-        let _ = file.set_modified(now);
-    }
+/// Whether a file's modification time is old enough that a use should
+/// refresh it (uses are recorded there, for trimming).
+fn is_stale(modified: SystemTime) -> bool {
+    SystemTime::now().duration_since(modified).unwrap_or_default() > TOUCH_INTERVAL
+}
+
+/// Finds the preopened directory that contains `root`, and `root` relative to
+/// it (empty, or ending in `/`).
+fn locate(root: &Path) -> Option<(Descriptor, String)> {
+    get_directories()
+        .into_iter()
+        .filter_map(|(dir, guest)| {
+            let rest = root.strip_prefix(&guest).ok()?;
+            let rest = rest.to_str()?;
+            let relative = if rest.is_empty() { String::new() } else { format!("{rest}/") };
+            Some((guest.len(), dir, relative))
+        })
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(_, dir, relative)| (dir, relative))
 }
 
 /// Every file two levels below `dir` (the shard layout), with its metadata.
