@@ -225,7 +225,7 @@ pub fn run() -> Result<ExitCode> {
         trim: TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: cli.trim_interval },
         drain_timeout: cli.drain_timeout,
     };
-    let outcome = server::serve(plugin, store, settings, BufReader::with_capacity(256 * 1024, input), output);
+    let outcome = server::serve(plugin, store, settings, input, output);
 
     if cli.verbose {
         eprintln!("{}", outcome.summary.line());

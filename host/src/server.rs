@@ -1,33 +1,41 @@
 //! Serving one go command: requests in, responses out, with the local store
 //! and the plugin behind them.
 //!
-//! Threads: this one reads requests (and decodes put bodies straight into the
-//! store, since the go command sends them in line); plugin threads answer gets
-//! and record puts. Whichever thread has a response writes it to stdout itself
-//! (see `Responder`), in any order. A put is answered as soon as its
-//! body is stored locally; the plugin records it in the background, and all of
-//! that is drained before the close reply. Until the plugin has recorded a put,
-//! gets for that action are answered from the put itself, so a go command
-//! always reads its own writes.
+//! Every plugin thread runs the same loop: take the decoder, read the next
+//! request (decoding a put's body straight into the store, since the go command
+//! sends it in line), let go of the decoder, and answer the request with its
+//! own plugin instance. So no request waits for a hand-off between threads,
+//! which on a busy machine can cost more than the work itself; and a thread
+//! stuck in a plugin call holds nothing, so the others keep reading while the
+//! pool's watchdog answers for it. Each response is written by the thread that
+//! has it (see `Responder`), in any order.
+//!
+//! A put is answered as soon as its body is stored locally; the same thread
+//! then has the plugin record it. Until the plugin has, gets for that action
+//! are answered from the put itself, so a go command always reads its own
+//! writes. When input ends (close, or end of file after `go list`), the loops
+//! finish, each instance runs `finish`, the store trims if due, and only then
+//! is close answered.
 //!
 //! It owns the policy that no failure of the plugin, or of the disk, ever fails
 //! a build: each becomes a miss, a local-only put, or a put error (only when
 //! nothing could be stored). Repeated outages pause the plugin (see
-//! `breaker`); a call stuck past its deadline gets its request answered by
-//! the pool's watchdog, and every request is answered exactly once. It must
-//! never write to stdout except through its `Responder`.
+//! `breaker`), and every request is answered exactly once. It must never write
+//! to stdout except through its `Responder`.
 
-use std::fs::File;
-use std::io::{self, BufRead, Write};
-use std::path::PathBuf;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::breaker::Breaker;
-use crate::plugin::{CallError, Entry, Instance, Job, Plugin};
-use crate::protocol::{BodyError, Command, DecodeError, Decoder, Digest, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS, format_time};
+use crate::plugin::{Body, CallError, Entry, Instance, Plugin, Worker};
+use crate::protocol::{
+    BodyError, Command, DecodeError, Decoder, Digest, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS, format_time,
+};
 use crate::stats::{Stats, Summary};
 use crate::store::{CommitError, Store, TrimPolicy};
 
@@ -53,6 +61,9 @@ pub struct Outcome {
     pub summary: Summary,
 }
 
+/// The end of the session, and the close request to answer if there was one.
+type End = (Ending, Option<i64>);
+
 /// What the threads share.
 struct Shared {
     store: Store,
@@ -60,52 +71,53 @@ struct Shared {
     problems: Problems,
     stores_bodies: bool,
     responder: Responder,
+    /// Held by the thread reading the next request (and its body).
+    decoder: Mutex<Decoder<BufReader<File>>>,
     /// Puts answered but not yet recorded by the plugin.
     pending: Mutex<HashMap<Digest, Entry>>,
     breaker: Breaker,
+    /// Set by the thread that reads the end of the session.
+    over: AtomicBool,
+    end: Mutex<Option<End>>,
+    ended: Condvar,
 }
 
 /// The largest body a plugin may claim. Go outputs reach hundreds of MB; a
 /// claim far beyond that is a broken plugin, not a cache entry.
 const MAX_PLUGIN_BODY: u64 = 64 << 30;
 
-pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRead, output: File) -> Outcome {
+pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: File, output: File) -> Outcome {
     let started = Instant::now();
-    let mut plugin = plugin;
+    let label = format!("{} {}", plugin.info.name, plugin.info.version);
     let shared = Arc::new(Shared {
         store,
         stats: Stats::default(),
         problems: Problems::new(&plugin.info.name),
         stores_bodies: plugin.capabilities.stores_bodies,
         responder: Responder::new(output),
+        decoder: Mutex::new(Decoder::new(BufReader::with_capacity(256 * 1024, input))),
         pending: Mutex::new(HashMap::new()),
         breaker: Breaker::default(),
+        over: AtomicBool::new(false),
+        end: Mutex::new(None),
+        ended: Condvar::new(),
     });
     shared.respond(Response::capabilities(KNOWN_COMMANDS));
 
-    let mut decoder = Decoder::new(input);
-    let ending = loop {
-        let request = match decoder.next_request() {
-            Ok(Some(r)) => r,
-            Ok(None) => break (Ending::EndOfInput, None),
-            Err(e) => break (Ending::BadInput(e), None),
-        };
-        match request.command {
-            Command::Get { action_id } => get(&shared, &plugin, request.id, action_id),
-            Command::Put { action_id, output_id, body_size } => {
-                if let Err(e) = put(&shared, &plugin, &mut decoder, request.id, action_id, output_id, body_size) {
-                    break (Ending::BadInput(e), None);
-                }
-            }
-            Command::Close => break (Ending::Closed, Some(request.id)),
-            Command::Other(name) => {
-                shared.respond(Response::error(request.id, format!("unknown command {name:?}")));
-            }
-        }
+    let body: Body = {
+        let shared = shared.clone();
+        Arc::new(move |worker: &mut Worker| serve_requests(&shared, worker))
     };
-    let (ending, close_id) = ending;
+    let mut pool = plugin.run(body);
+    let (ending, close_id) = {
+        let mut end = shared.end.lock().unwrap();
+        while end.is_none() {
+            end = shared.ended.wait(end).unwrap();
+        }
+        end.take().expect("waited for it")
+    };
 
-    let shutdown = plugin.pool.shutdown(Instant::now() + settings.drain_timeout);
+    let shutdown = pool.wait(Instant::now() + settings.drain_timeout);
     if shutdown.unfinished > 0 {
         shared.problems.report(
             Problem::Plugin,
@@ -128,8 +140,74 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: impl BufRe
     // The go command waits for end of file on our stdout before it exits.
     shared.responder.close();
 
-    let summary = shared.stats.summary(&plugin_label(&plugin), plugin.pool.busy(), started.elapsed(), &shutdown, shared.breaker.trips());
+    let summary = shared.stats.summary(&label, pool.busy(), started.elapsed(), &shutdown, shared.breaker.trips());
     Outcome { ending, summary }
+}
+
+/// What a thread does after reading a request.
+enum Next {
+    Get { id: i64, action_id: Digest },
+    Record(Recording),
+    /// Answered already.
+    Nothing,
+}
+
+/// A put answered to the go command, still to be recorded by the plugin.
+struct Recording {
+    action_id: Digest,
+    entry: Entry,
+    /// The stored body, opened for plugins that keep bodies.
+    body: Option<File>,
+}
+
+/// The loop each plugin thread runs until the session is over.
+fn serve_requests(shared: &Arc<Shared>, worker: &mut Worker) {
+    loop {
+        let next = {
+            let mut decoder = shared.decoder.lock().unwrap();
+            if shared.over.load(Ordering::SeqCst) {
+                return;
+            }
+            match read_next(shared, &mut decoder) {
+                Ok(next) => next,
+                Err(end) => {
+                    shared.over.store(true, Ordering::SeqCst);
+                    *shared.end.lock().unwrap() = Some(end);
+                    shared.ended.notify_all();
+                    return;
+                }
+            }
+        };
+        let carry_on = match next {
+            Next::Get { id, action_id } => get(shared, worker, id, action_id),
+            Next::Record(recording) => record(shared, worker, recording),
+            Next::Nothing => true,
+        };
+        if !carry_on {
+            // The watchdog gave up on this thread; a replacement reads on.
+            return;
+        }
+    }
+}
+
+/// Reads the next request and does what needs no plugin. `Err` is the end.
+fn read_next(shared: &Shared, decoder: &mut Decoder<BufReader<File>>) -> Result<Next, End> {
+    let request = match decoder.next_request() {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err((Ending::EndOfInput, None)),
+        Err(e) => return Err((Ending::BadInput(e), None)),
+    };
+    match request.command {
+        Command::Get { action_id } => Ok(Next::Get { id: request.id, action_id }),
+        Command::Put { action_id, output_id, body_size } => {
+            put(shared, decoder, request.id, action_id, output_id, body_size).map_err(|e| (Ending::BadInput(e), None))
+        }
+        Command::Close => Err((Ending::Closed, Some(request.id))),
+        Command::Other(name) => {
+            shared.respond(Response::error(request.id, format!("unknown command {name:?}")));
+            Ok(Next::Nothing)
+        }
+    }
 }
 
 /// Serves a go command without a cache, when the local store cannot be used:
@@ -164,67 +242,54 @@ pub fn serve_uncached(input: impl BufRead, output: File) -> Ending {
     ending
 }
 
-fn plugin_label(plugin: &Plugin) -> String {
-    format!("{} {}", plugin.info.name, plugin.info.version)
-}
-
 impl Shared {
     fn respond(&self, response: Response) {
         self.responder.send(&response);
     }
 }
 
-fn get(shared: &Arc<Shared>, plugin: &Plugin, id: i64, action_id: Digest) {
+/// Answers a get; false if the watchdog gave up on this thread meanwhile.
+fn get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) -> bool {
     Stats::add(&shared.stats.gets, 1);
     let pending = shared.pending.lock().unwrap().get(&action_id).copied();
     if let Some(entry) = pending
         && let Some(path) = shared.store.lookup(&entry.output_id, entry.size)
     {
         shared.respond(hit(shared, id, &entry, path));
-        return;
+        return true;
     }
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.skipped_while_paused, 1);
         shared.respond_miss(id);
-        return;
+        return true;
     }
-    // Answered by the job, or by the watchdog if the job gets stuck: the
-    // first to claim the request answers it.
+    // Answered here, or by the watchdog if the call gets stuck: the first to
+    // claim the request answers it.
     let claimed = Arc::new(AtomicBool::new(false));
-    let job = Job::new({
+    let on_stuck = {
         let (shared, claimed) = (shared.clone(), claimed.clone());
-        move |instance| {
-            // Checked again here: requests queued before the circuit opened
-            // must not each pay for the outage.
-            let response = match instance {
-                _ if !shared.breaker.allows() => {
-                    Stats::add(&shared.stats.skipped_while_paused, 1);
-                    None
-                }
-                Some(instance) => lookup(&shared, instance, id, &action_id),
-                None => {
-                    shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
-                    None
-                }
-            };
-            if !claimed.swap(true, Ordering::SeqCst) {
-                match response {
-                    Some(r) => shared.respond(r),
-                    None => shared.respond_miss(id),
-                }
-            }
-        }
-    })
-    .on_stuck({
-        let shared = shared.clone();
         move || {
             shared.plugin_stuck();
             if !claimed.swap(true, Ordering::SeqCst) {
                 shared.respond_miss(id);
             }
         }
+    };
+    let response = worker.with_instance(on_stuck, |instance| match instance {
+        Some(instance) => lookup(shared, instance, id, &action_id),
+        None => {
+            shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
+            None
+        }
     });
-    plugin.pool.submit(job);
+    let Some(response) = response else { return false };
+    if !claimed.swap(true, Ordering::SeqCst) {
+        match response {
+            Some(r) => shared.respond(r),
+            None => shared.respond_miss(id),
+        }
+    }
+    true
 }
 
 /// A hit's response, or `None` for a miss.
@@ -301,15 +366,16 @@ fn fetch(shared: &Shared, instance: &mut Instance, entry: &Entry) -> Option<Path
     }
 }
 
-fn put<R: BufRead>(
-    shared: &Arc<Shared>,
-    plugin: &Plugin,
-    decoder: &mut Decoder<R>,
+/// Receives a put (its body into the store) and answers it; what is left
+/// for the plugin to record, if anything.
+fn put(
+    shared: &Shared,
+    decoder: &mut Decoder<BufReader<File>>,
     id: i64,
     action_id: Digest,
     output_id: Digest,
     size: u64,
-) -> Result<(), DecodeError> {
+) -> Result<Next, DecodeError> {
     Stats::add(&shared.stats.puts, 1);
     Stats::add(&shared.stats.put_bytes, size);
     let stored = match shared.store.lookup(&output_id, size) {
@@ -330,7 +396,7 @@ fn put<R: BufRead>(
         Err(message) => {
             Stats::add(&shared.stats.put_failures, 1);
             shared.respond(Response::error(id, message));
-            return Ok(());
+            return Ok(Next::Nothing);
         }
     };
     // Opened before answering: once the go command has its answer, the file
@@ -350,10 +416,16 @@ fn put<R: BufRead>(
 
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
-        return Ok(());
+        return Ok(Next::Nothing);
     }
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
     shared.pending.lock().unwrap().insert(action_id, entry);
+    Ok(Next::Record(Recording { action_id, entry, body }))
+}
+
+/// Has the plugin record a put; false if the watchdog gave up on this thread.
+fn record(shared: &Arc<Shared>, worker: &mut Worker, recording: Recording) -> bool {
+    let Recording { action_id, entry, body } = recording;
     let forget = {
         let shared = shared.clone();
         // A later put of the same action may have replaced the entry meanwhile.
@@ -364,27 +436,21 @@ fn put<R: BufRead>(
             }
         }
     };
-    let stuck = {
+    let on_stuck = {
         let (shared, forget) = (shared.clone(), forget.clone());
         move || {
             shared.plugin_stuck();
             forget();
         }
     };
-    let shared = shared.clone();
-    plugin.pool.submit(
-        Job::new(move |instance| {
-            record(&shared, instance, &action_id, &entry, body);
-            forget();
-        })
-        .on_stuck(stuck),
-    );
-    Ok(())
+    let done = worker.with_instance(on_stuck, |instance| record_with(shared, instance, &action_id, &entry, body));
+    forget();
+    done.is_some()
 }
 
-/// Has the plugin record a put: the body first (if it keeps bodies, from the
-/// file opened for it), then the entry.
-fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, body: Option<File>) {
+/// The body first (if the plugin keeps bodies, from the file opened for it),
+/// then the entry.
+fn record_with(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, body: Option<File>) {
     let Some(instance) = instance else { return };
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
@@ -406,9 +472,9 @@ fn record(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, 
 
 /// Decodes a put body into the local store. The outer error is a broken
 /// stream; the inner one is this put's failure, answered to the go command.
-fn receive<R: BufRead>(
+fn receive(
     shared: &Shared,
-    decoder: &mut Decoder<R>,
+    decoder: &mut Decoder<BufReader<File>>,
     id: i64,
     output_id: &Digest,
     size: u64,

@@ -30,7 +30,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use bindings::{Capabilities, Info};
-pub use pool::{Job, Pool, ShutdownReport, Watch};
+pub use pool::{Body, Pool, ShutdownReport, Watch, Worker};
 pub use sandbox::{DirGrant, Grants, NetGrant};
 
 pub type Digest = [u8; 32];
@@ -176,11 +176,14 @@ pub struct Instance {
     watch: Option<Watch>,
 }
 
-/// A loaded plugin: its description, what `open` said, and its instances.
+/// A loaded plugin: its description, what `open` said, and one instance
+/// opened with the user's configuration, ready to run.
 pub struct Plugin {
     pub info: Info,
     pub capabilities: Capabilities,
-    pub pool: Pool,
+    template: Arc<Template>,
+    first: Instance,
+    instances: usize,
 }
 
 impl Plugin {
@@ -200,8 +203,12 @@ impl Plugin {
             n => (n as usize).min(template.options.max_instances),
         }
         .max(1);
-        let pool = Pool::start(Arc::new(template), first, instances);
-        Ok(Plugin { info, capabilities, pool })
+        Ok(Plugin { info, capabilities, template: Arc::new(template), first, instances })
+    }
+
+    /// Starts a thread per instance, each running `body` until it returns.
+    pub fn run(self, body: Body) -> Pool {
+        Pool::start(self.template, self.first, self.instances, body)
     }
 }
 

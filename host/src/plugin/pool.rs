@@ -1,17 +1,17 @@
-//! Plugin instances on threads of their own, fed from one queue, watched.
+//! Plugin instances, each on a thread of its own, running the caller's loop,
+//! watched.
 //!
 //! A wasmtime `Store` is used by one thread at a time and WASI's blocking calls
 //! must not run on an async executor, so each instance lives on a dedicated
-//! thread. Jobs are closures run with the thread's instance; a job that finds
-//! no instance (it could not be started) still runs, so that it can answer.
-//! Instances other than the first start on their thread's first job, and one
-//! that trapped is replaced before the next job.
+//! thread. The thread runs a loop given by the caller (the server's request
+//! loop), which reaches its instance through a [`Worker`]: the instance is
+//! started before the loop, and replaced after a trap.
 //!
 //! Epoch deadlines stop runaway WebAssembly, but not a call blocked inside the
 //! host (a plugin sleeping, or waiting on a socket that never answers). A
-//! watchdog thread looks for calls past their deadline: it runs the job's
-//! `on_stuck` (so its request is answered now), gives up on that thread, and
-//! starts a fresh worker in its place so the queue keeps moving.
+//! watchdog thread looks for calls past their deadline: it runs the call's
+//! `on_stuck` (so that its request is answered now), gives up on that thread,
+//! and starts a fresh one running the same loop, so the work goes on.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,24 +29,8 @@ const WATCHDOG_PERIOD: Duration = Duration::from_millis(25);
 
 type OnStuck = Box<dyn FnOnce() + Send>;
 
-/// Work for an instance.
-pub struct Job {
-    run: Box<dyn FnOnce(Option<&mut Instance>) + Send>,
-    on_stuck: Option<OnStuck>,
-}
-
-impl Job {
-    pub fn new(run: impl FnOnce(Option<&mut Instance>) + Send + 'static) -> Job {
-        Job { run: Box::new(run), on_stuck: None }
-    }
-
-    /// What to do if a call of this job gets stuck: the job itself may never
-    /// finish, so this is the last chance to, say, answer its request.
-    pub fn on_stuck(mut self, f: impl FnOnce() + Send + 'static) -> Job {
-        self.on_stuck = Some(Box::new(f));
-        self
-    }
-}
+/// The loop each plugin thread runs, until it returns.
+pub type Body = Arc<dyn Fn(&mut Worker) + Send + Sync>;
 
 /// A worker's slot, seen by the watchdog: the deadline of the call in progress.
 #[derive(Clone)]
@@ -72,11 +56,11 @@ impl Watch {
         self.0.lock().unwrap().deadline = None;
     }
 
-    fn begin(&self, on_stuck: Option<OnStuck>) {
-        self.0.lock().unwrap().on_stuck = on_stuck;
+    fn begin(&self, on_stuck: OnStuck) {
+        self.0.lock().unwrap().on_stuck = Some(on_stuck);
     }
 
-    /// Ends a job; true if the watchdog gave up on this worker meanwhile.
+    /// Ends a piece of work; true if the watchdog gave up on this worker meanwhile.
     fn end(&self) -> bool {
         let mut slot = self.0.lock().unwrap();
         slot.on_stuck = None;
@@ -84,7 +68,7 @@ impl Watch {
     }
 
     /// If the call in progress is overdue: marks the worker abandoned and
-    /// hands back the job's `on_stuck`.
+    /// hands back the work's `on_stuck`.
     fn take_if_overdue(&self, now: Instant) -> Option<Option<OnStuck>> {
         let mut slot = self.0.lock().unwrap();
         match slot.deadline {
@@ -98,7 +82,6 @@ impl Watch {
 }
 
 pub struct Pool {
-    jobs: Option<Sender<Job>>,
     done: Receiver<WorkerReport>,
     inner: Arc<Inner>,
     stop_watchdog: Arc<AtomicBool>,
@@ -106,7 +89,7 @@ pub struct Pool {
 
 struct Inner {
     template: Arc<Template>,
-    jobs: Receiver<Job>,
+    body: Body,
     done: Sender<WorkerReport>,
     watches: Mutex<Vec<Watch>>,
     spawned: AtomicUsize,
@@ -115,12 +98,12 @@ struct Inner {
     busy_ns: AtomicU64,
 }
 
-/// How shutting down went, for statistics and the user.
+/// How the threads ended, for statistics and the user.
 #[derive(Debug, Default)]
 pub struct ShutdownReport {
-    /// Workers that did not finish in time (their queued jobs may be lost).
+    /// Threads still busy at the deadline (what they were doing may be lost).
     pub unfinished: usize,
-    /// Workers given up on because a call was stuck past its deadline.
+    /// Threads given up on because a call was stuck past its deadline.
     pub stuck: usize,
     pub finish_errors: Vec<String>,
     pub restarts: u64,
@@ -132,12 +115,11 @@ struct WorkerReport {
 }
 
 impl Pool {
-    pub(super) fn start(template: Arc<Template>, first: Instance, workers: usize) -> Pool {
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+    pub(super) fn start(template: Arc<Template>, first: Instance, workers: usize, body: Body) -> Pool {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let inner = Arc::new(Inner {
             template,
-            jobs: jobs_rx,
+            body,
             done: done_tx,
             watches: Mutex::new(Vec::new()),
             spawned: AtomicUsize::new(0),
@@ -154,25 +136,16 @@ impl Pool {
             .name("plugin-watchdog".into())
             .spawn(move || watchdog(watched, stop))
             .expect("spawning the plugin watchdog");
-        Pool { jobs: Some(jobs_tx), done: done_rx, inner, stop_watchdog }
-    }
-
-    /// Queues a job; it runs on whichever instance is free first.
-    pub fn submit(&self, job: Job) {
-        if let Some(jobs) = &self.jobs {
-            // Workers only stop once the sender is dropped, so this cannot fail.
-            let _ = jobs.send(job);
-        }
+        Pool { done: done_rx, inner, stop_watchdog }
     }
 
     pub fn busy(&self) -> Duration {
         Duration::from_nanos(self.inner.busy_ns.load(Ordering::Relaxed))
     }
 
-    /// Runs every queued job, then `finish` on each instance, waiting at most
-    /// until `deadline`. Workers still busy then are left behind.
-    pub fn shutdown(&mut self, deadline: Instant) -> ShutdownReport {
-        self.jobs.take();
+    /// Waits, at most until `deadline`, for every thread's loop to return and
+    /// its instance to `finish`. Threads still busy then are left behind.
+    pub fn wait(&mut self, deadline: Instant) -> ShutdownReport {
         let mut report = ShutdownReport::default();
         let mut reported = 0;
         loop {
@@ -185,7 +158,7 @@ impl Pool {
                 report.unfinished = expected - reported;
                 break;
             }
-            // Short waits: the watchdog may replace a stuck worker meanwhile.
+            // Short waits: the watchdog may replace a stuck thread meanwhile.
             if let Ok(w) = self.done.recv_timeout((deadline - now).min(WATCHDOG_PERIOD)) {
                 reported += 1;
                 report.restarts += w.restarts;
@@ -202,10 +175,7 @@ fn spawn_worker(inner: &Arc<Inner>, instance: Option<Instance>) {
     let watch = Watch::new();
     inner.watches.lock().unwrap().push(watch.clone());
     let n = inner.spawned.fetch_add(1, Ordering::SeqCst);
-    let mut worker = Worker { inner: inner.clone(), instance, watch, restarts: 0 };
-    if let Some(i) = worker.instance.as_mut() {
-        i.set_watch(worker.watch.clone());
-    }
+    let mut worker = Worker { inner: inner.clone(), instance, watch, restarts: 0, started_once: false, abandoned: false };
     thread::Builder::new()
         .name(format!("plugin-{n}"))
         .spawn(move || {
@@ -242,32 +212,29 @@ fn watchdog(inner: Arc<Inner>, stop: Arc<AtomicBool>) {
     }
 }
 
-struct Worker {
+/// A plugin thread's handle on its instance.
+pub struct Worker {
     inner: Arc<Inner>,
     instance: Option<Instance>,
     watch: Watch,
     restarts: u64,
+    started_once: bool,
+    abandoned: bool,
 }
 
 impl Worker {
-    /// Runs jobs until the queue closes; `None` if the watchdog gave up on
-    /// this worker (a replacement has taken its place and will report).
+    /// Runs the loop; `None` if the watchdog gave up on this thread (a
+    /// replacement took its place and will report).
     fn run(&mut self) -> Option<WorkerReport> {
-        let mut started_once = self.instance.is_some();
-        // Start before taking jobs, so that no request waits for an instance
-        // to be made while another one stands ready.
-        self.start(&mut started_once);
-        while let Ok(job) = self.inner.jobs.recv() {
-            self.start(&mut started_once);
-            self.watch.begin(job.on_stuck);
-            (job.run)(self.instance.as_mut());
-            self.account();
-            if self.watch.end() {
-                return None;
-            }
-            if self.instance.as_ref().is_some_and(Instance::is_dead) {
-                self.instance = None;
-            }
+        if let Some(i) = self.instance.as_mut() {
+            i.set_watch(self.watch.clone());
+            self.started_once = true;
+        }
+        self.start();
+        let body = self.inner.body.clone();
+        body(self);
+        if self.abandoned {
+            return None;
         }
         let finish_error = self.instance.as_mut().and_then(|i| i.finish().err()).map(|e: CallError| e.to_string());
         self.account();
@@ -277,18 +244,41 @@ impl Worker {
         Some(WorkerReport { finish_error, restarts: self.restarts })
     }
 
-    /// Makes an instance if there is none. A failure to start is reported by
-    /// the jobs themselves, as misses; the next job tries again.
-    fn start(&mut self, started_once: &mut bool) {
+    /// Makes an instance if there is none. A failure to start shows up as
+    /// `None` in [`Worker::with_instance`]; the next use tries again.
+    fn start(&mut self) {
         if self.instance.is_some() {
             return;
         }
         self.instance = self.inner.template.instantiate_open().ok();
         if let Some(i) = self.instance.as_mut() {
             i.set_watch(self.watch.clone());
-            self.restarts += u64::from(*started_once);
-            *started_once = true;
+            self.restarts += u64::from(self.started_once);
+            self.started_once = true;
         }
+    }
+
+    /// Runs `f` with this thread's instance (`None` if none could be started).
+    /// If a call in it gets stuck beyond its deadline, the watchdog runs
+    /// `on_stuck` and gives up on this thread: then this returns `None`, and
+    /// the caller's loop must end.
+    pub fn with_instance<T>(
+        &mut self,
+        on_stuck: impl FnOnce() + Send + 'static,
+        f: impl FnOnce(Option<&mut Instance>) -> T,
+    ) -> Option<T> {
+        self.start();
+        self.watch.begin(Box::new(on_stuck));
+        let result = f(self.instance.as_mut());
+        self.account();
+        if self.watch.end() {
+            self.abandoned = true;
+            return None;
+        }
+        if self.instance.as_ref().is_some_and(Instance::is_dead) {
+            self.instance = None;
+        }
+        Some(result)
     }
 
     fn account(&mut self) {
