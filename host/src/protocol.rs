@@ -14,7 +14,7 @@ use std::io::{self, BufRead, Write};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// A SHA-256 digest as the protocol carries it (ActionID, OutputID).
 pub type Digest = [u8; 32];
@@ -319,36 +319,18 @@ impl<'a> BodyDecoder<'a> {
     }
 }
 
-/// One reply to the go command. Empty fields are left out, as cmd/go expects.
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+/// One reply to the go command. Empty fields are left out, as cmd/go writes
+/// them too (cmd/go reads responses with a JSON decoder: any field order).
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Response {
-    #[serde(rename = "ID")]
     pub id: i64,
-    #[serde(rename = "Err", skip_serializing_if = "Option::is_none")]
     pub err: Option<String>,
-    #[serde(rename = "KnownCommands", skip_serializing_if = "Option::is_none")]
     pub known_commands: Option<&'static [&'static str]>,
-    #[serde(rename = "Miss", skip_serializing_if = "std::ops::Not::not")]
     pub miss: bool,
-    #[serde(rename = "OutputID", skip_serializing_if = "Option::is_none", serialize_with = "base64_opt")]
     pub output_id: Option<Digest>,
-    #[serde(rename = "Size", skip_serializing_if = "is_zero")]
     pub size: u64,
-    #[serde(rename = "Time", skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
-    #[serde(rename = "DiskPath", skip_serializing_if = "Option::is_none")]
     pub disk_path: Option<String>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-fn base64_opt<S: serde::Serializer>(d: &Option<Digest>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_str(&BASE64.encode(d)),
-        None => s.serialize_none(),
-    }
 }
 
 impl Response {
@@ -365,10 +347,49 @@ impl Response {
         Response { id, err: Some(err.into()), ..Default::default() }
     }
 
-    /// Appends this response as one line of JSON.
+    /// Appends this response as one line of JSON. Written field by field:
+    /// every get is answered with one of these, and a derived serializer
+    /// spent several times the work on skipping empty fields.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        serde_json::to_writer(&mut *out, self).expect("responses always serialize");
-        out.push(b'\n');
+        use std::io::Write as _;
+        let string = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).expect("strings always serialize");
+        let _ = write!(out, "{{\"ID\":{}", self.id);
+        if let Some(err) = &self.err {
+            out.extend_from_slice(b",\"Err\":");
+            string(out, err);
+        }
+        if let Some(commands) = self.known_commands {
+            out.extend_from_slice(b",\"KnownCommands\":[");
+            for (i, c) in commands.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                string(out, c);
+            }
+            out.push(b']');
+        }
+        if self.miss {
+            out.extend_from_slice(b",\"Miss\":true");
+        }
+        if let Some(id) = &self.output_id {
+            out.extend_from_slice(b",\"OutputID\":\"");
+            let start = out.len();
+            out.resize(start + 44, 0);
+            BASE64.encode_slice(id, &mut out[start..]).expect("32 bytes are 44 base64 characters");
+            out.push(b'"');
+        }
+        if self.size != 0 {
+            let _ = write!(out, ",\"Size\":{}", self.size);
+        }
+        if let Some(time) = &self.time {
+            out.extend_from_slice(b",\"Time\":");
+            string(out, time);
+        }
+        if let Some(path) = &self.disk_path {
+            out.extend_from_slice(b",\"DiskPath\":");
+            string(out, path);
+        }
+        out.extend_from_slice(b"}\n");
     }
 }
 

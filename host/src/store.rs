@@ -59,6 +59,9 @@ pub struct TrimReport {
 
 pub struct Store {
     objects: PathBuf,
+    /// `objects` as a string: paths are built for every lookup, and appending
+    /// to a string is several times cheaper than joining path components.
+    objects_str: String,
     tmp: PathBuf,
 }
 
@@ -69,14 +72,26 @@ impl Store {
         let objects = root.join("objects");
         let tmp = objects.join("tmp");
         fs::create_dir_all(&tmp).map_err(|e| annotate(e, "creating", &tmp))?;
-        let store = Store { objects, tmp };
+        let objects_str = objects
+            .to_str()
+            .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, "the state directory must be valid UTF-8"))?
+            .to_string();
+        let store = Store { objects, objects_str, tmp };
         drop(store.begin()?);
         Ok(store)
     }
 
     pub fn path_of(&self, output_id: &Digest) -> PathBuf {
-        let name = hex::encode(output_id);
-        self.objects.join(&name[..2]).join(name)
+        let mut name = [0u8; 64];
+        hex::encode_to_slice(output_id, &mut name).expect("32 bytes make 64 hex digits");
+        let name = std::str::from_utf8(&name).expect("hex digits are ASCII");
+        let mut path = String::with_capacity(self.objects_str.len() + 68);
+        path.push_str(&self.objects_str);
+        path.push('/');
+        path.push_str(&name[..2]);
+        path.push('/');
+        path.push_str(name);
+        PathBuf::from(path)
     }
 
     /// The path of a stored body of exactly `size` bytes, if there is one.
