@@ -291,3 +291,39 @@ fn memory_plugin_hits_within_one_process_and_serves_bodies_it_holds() {
     assert_eq!(s.recv()["Miss"], json!(true));
     s.finish();
 }
+
+#[test]
+fn memory_plugin_evicts_the_least_recently_used_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let mut a = state_args(dir.path());
+    // Room for two 100 kB bodies, not three.
+    a.extend(["--plugin", "memory", "--config", "max-bytes=250000", "--stats-json"].map(String::from));
+    a.push(stats.to_str().unwrap().into());
+    let (mut s, _) = Session::start(&args(&a));
+    let bodies: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100_000]).collect();
+    let mut paths = Vec::new();
+    for (i, b) in bodies.iter().enumerate() {
+        s.send_put(i as i64 + 1, &action(i as u32), b);
+        paths.push(s.recv()["DiskPath"].as_str().unwrap().to_string());
+    }
+    // Wait until the plugin has recorded the three puts (a get of each hits
+    // from the local store), then take the local copies away.
+    for i in 0..3u32 {
+        s.send_get(100 + i as i64, &action(i));
+        assert!(s.recv().get("Miss").is_none());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for p in &paths {
+        fs::remove_file(p).unwrap();
+    }
+    let mut outcome = Vec::new();
+    for i in 0..3u32 {
+        s.send_get(200 + i as i64, &action(i));
+        outcome.push(s.recv().get("Miss").is_none());
+    }
+    assert_eq!(outcome, [false, true, true], "the oldest body was evicted, the two newest kept");
+    s.send_close(999);
+    s.recv();
+    assert!(s.finish().0.success());
+}

@@ -139,6 +139,8 @@ fn network_is_refused_unless_granted() {
     assert!(denied.report.contains("tcp: denied"), "{}", denied.report);
     assert!(denied.report.contains("http: denied (ErrorCode::HttpRequestDenied)"), "{}", denied.report);
     assert!(!denied.report.contains("ALLOWED"), "{}", denied.report);
+    // One TCP connect and one HTTP request per instance, each refused and counted.
+    assert!(count(&denied.stats, "network_denials") >= 2, "{}", denied.stats);
 
     // Another port on the same host is still refused...
     let other = format!("--allow-net 127.0.0.1:{}", port.wrapping_add(1).max(1));
@@ -150,6 +152,7 @@ fn network_is_refused_unless_granted() {
     let allowed = build_through("net", &[&port_cfg, &grant], &[]);
     assert!(allowed.report.contains("tcp: ALLOWED"), "{}", allowed.report);
     assert!(allowed.report.contains("http: ALLOWED HTTP status 200"), "{}", allowed.report);
+    assert_eq!(count(&allowed.stats, "network_denials"), 0, "{}", allowed.stats);
 }
 
 #[test]
@@ -287,4 +290,50 @@ fn a_full_disk_costs_cache_entries_not_the_build() {
     let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
     assert!(count(&st, "put_failures") > 0, "{st}");
     assert!(count(&st, "puts") > count(&st, "put_failures"), "what fitted was stored: {st}");
+}
+
+#[test]
+fn plugin_stderr_is_shown_only_with_verbose_and_prefixed() {
+    let plugin = test_plugin("hostile");
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, p) = (tmp.path().to_str().unwrap(), plugin.to_str().unwrap());
+    for verbose in [false, true] {
+        let mut args = vec!["--dir", d, "--plugin", p, "--config", "attack=stdout"];
+        if verbose {
+            args.push("--verbose");
+        }
+        let (mut s, _) = Session::start(&args);
+        s.send_get(1, &sha256(b"x"));
+        assert_eq!(s.recv()["Miss"], json!(true));
+        let (status, rest, stderr) = s.finish();
+        assert!(status.success());
+        assert!(rest.is_empty(), "the plugin's stdout must not appear: {rest:?}");
+        let plugin_lines: Vec<&str> = stderr.lines().filter(|l| l.contains("hostile says hello")).collect();
+        if verbose {
+            assert_eq!(plugin_lines, ["gocp plugin hostile: hostile says hello on stderr"], "{stderr}");
+        } else {
+            assert!(plugin_lines.is_empty(), "{stderr}");
+            assert_eq!(stderr, "", "quiet by default");
+        }
+    }
+}
+
+#[test]
+fn help_plugin_lists_configuration_imports_and_the_grants_they_need() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run_host(&["--dir", tmp.path().to_str().unwrap(), "--plugin", "disk", "--help-plugin"]);
+    let help = text(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(help.starts_with("disk 0.1.0: "), "{help}");
+    for key in ["path", "bodies", "max-age", "max-size", "trim-interval"] {
+        assert!(help.lines().any(|l| l.trim_start().starts_with(key)), "config key {key} missing:\n{help}");
+    }
+    assert!(help.contains("wasi:filesystem/types@") && help.contains("--allow-dir"), "{help}");
+    let hostile = test_plugin("hostile");
+    let out = run_host(&["--dir", tmp.path().to_str().unwrap(), "--plugin", hostile.to_str().unwrap(), "--help-plugin"]);
+    let help = text(&out.stdout);
+    for (import, grant) in [("wasi:http/outgoing-handler@", "--allow-net"), ("wasi:sockets/tcp@", "--allow-net"), ("wasi:cli/environment@", "--allow-env")] {
+        let line = help.lines().find(|l| l.contains(import)).unwrap_or_else(|| panic!("{import} missing:\n{help}"));
+        assert!(line.contains(grant), "{line}");
+    }
 }

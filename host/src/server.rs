@@ -140,7 +140,14 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: File, outp
     // The go command waits for end of file on our stdout before it exits.
     shared.responder.close();
 
-    let summary = shared.stats.summary(&label, pool.busy(), started.elapsed(), &shutdown, shared.breaker.trips());
+    let summary = shared.stats.summary(
+        &label,
+        pool.busy(),
+        started.elapsed(),
+        &shutdown,
+        shared.breaker.trips(),
+        pool.network_denials(),
+    );
     Outcome { ending, summary }
 }
 

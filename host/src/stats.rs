@@ -60,6 +60,8 @@ pub struct Summary {
     pub plugin_stuck: u64,
     /// Times repeated outages paused the plugin.
     pub breaker_trips: u64,
+    /// Connections the plugin tried without a grant, refused by the sandbox.
+    pub network_denials: u64,
     pub skipped_while_paused: u64,
     pub local_only_puts: u64,
     pub rejected_bodies: u64,
@@ -79,6 +81,7 @@ impl Stats {
         wall: Duration,
         shutdown: &ShutdownReport,
         breaker_trips: u64,
+        network_denials: u64,
     ) -> Summary {
         Summary {
             plugin: plugin.to_string(),
@@ -97,6 +100,7 @@ impl Stats {
             plugin_restarts: shutdown.restarts,
             plugin_stuck: shutdown.stuck as u64,
             breaker_trips,
+            network_denials,
             skipped_while_paused: self.skipped_while_paused.load(Relaxed),
             local_only_puts: self.local_only_puts.load(Relaxed),
             rejected_bodies: self.rejected_bodies.load(Relaxed),

@@ -139,6 +139,11 @@ impl Pool {
         Pool { done: done_rx, inner, stop_watchdog }
     }
 
+    /// Connections the plugin tried and the sandbox refused.
+    pub fn network_denials(&self) -> u64 {
+        self.inner.template.sandbox.network_denials()
+    }
+
     pub fn busy(&self) -> Duration {
         Duration::from_nanos(self.inner.busy_ns.load(Ordering::Relaxed))
     }

@@ -18,6 +18,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -87,6 +88,8 @@ struct NetPolicy {
     addrs: HashSet<SocketAddr>,
     /// Longest a wasi:http request may wait to connect or between bytes.
     timeout: Duration,
+    /// Connections refused (HTTP requests and TCP connects), for statistics.
+    denied: AtomicU64,
 }
 
 impl Sandbox {
@@ -100,8 +103,13 @@ impl Sandbox {
             .iter()
             .flat_map(|g| (g.host.as_str(), g.port).to_socket_addrs().into_iter().flatten())
             .collect();
-        let net = Arc::new(NetPolicy { authorities: grants.net.clone(), addrs, timeout });
+        let net = Arc::new(NetPolicy { authorities: grants.net.clone(), addrs, timeout, denied: AtomicU64::new(0) });
         Sandbox { state_dir, grants, env, net }
+    }
+
+    /// Connections the plugin tried and was refused, over all instances.
+    pub fn network_denials(&self) -> u64 {
+        self.net.denied.load(Ordering::Relaxed)
     }
 
     pub fn wasi(&self) -> Result<WasiCtx> {
@@ -120,18 +128,25 @@ impl Sandbox {
                 .with_context(|| format!("granting {}", grant.host.display()))?;
         }
         wasi.envs(&self.env);
-        if !self.grants.net.is_empty() {
-            let net = self.net.clone();
-            wasi.allow_tcp(true).allow_ip_name_lookup(true).socket_addr_check(move |addr, usage| {
-                let allowed = match usage {
-                    SocketAddrUse::TcpConnect => net.addrs.contains(&addr),
-                    // The implicit bind before a connect is to the wildcard address.
-                    SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
-                    _ => false,
-                };
-                Box::pin(async move { allowed })
-            });
-        }
+        // TCP is always on, so that every attempt reaches this check (and is
+        // counted); only granted peers pass it.
+        let net = self.net.clone();
+        wasi.allow_tcp(true).allow_ip_name_lookup(!self.grants.net.is_empty()).socket_addr_check(move |addr, usage| {
+            let allowed = match usage {
+                SocketAddrUse::TcpConnect => {
+                    let granted = net.addrs.contains(&addr);
+                    if !granted {
+                        net.denied.fetch_add(1, Ordering::Relaxed);
+                    }
+                    granted
+                }
+                // The implicit bind before a connect: any port of the wildcard
+                // address, which lets nobody in (listening is refused below).
+                SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                _ => false,
+            };
+            Box::pin(async move { allowed })
+        });
         if let Some(prefix) = &self.grants.stderr_prefix {
             wasi.stderr(PrefixedStderr { prefix: prefix.clone() });
         }
@@ -178,6 +193,7 @@ impl WasiHttpHooks for HttpGate {
             self.net.authorities.iter().any(|g| g.host == host && g.port == port)
         });
         if !allowed {
+            self.net.denied.fetch_add(1, Ordering::Relaxed);
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         // The plugin may ask for patience, but never more than a call is given.

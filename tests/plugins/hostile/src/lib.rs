@@ -129,6 +129,7 @@ impl Backend for Hostile {
                 // Looks like protocol traffic; must never reach the go command.
                 println!("{{\"ID\":1,\"Miss\":true}}");
                 print!("not json at all\n\n");
+                eprintln!("hostile says hello on stderr");
                 Err(Error::NotFound)
             }
             "wrong-bytes" => Ok(Entry { output_id: [7; 32], size: 1000, put_time_ns: 1 }),
