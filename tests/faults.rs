@@ -63,9 +63,14 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
 
     // Kill gocp-host at two different points of a cold build of cmd/go.
     for (round, after_objects) in [(0, 20usize), (1, 120)] {
-        let mut go = go_command(&["build", "-o", "/dev/null", "cmd/go"], &tmp.path().join(format!("gc-kill-{round}")), &prog, tmp.path())
-            .spawn()
-            .unwrap();
+        let mut go = go_command(
+            &["build", "-o", "/dev/null", "cmd/go"],
+            &tmp.path().join(format!("gc-kill-{round}")),
+            &prog,
+            tmp.path(),
+        )
+        .spawn()
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut killed = false;
         while Instant::now() < deadline {
@@ -98,15 +103,21 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
     // A complete build, then a warm one from the cache alone: the binary
     // links, runs, and is identical.
     let first = tmp.path().join("go-first");
-    let status = go_command(&["build", "-o", first.to_str().unwrap(), "cmd/go"], &tmp.path().join("gc-full"), &prog, tmp.path())
-        .status()
-        .unwrap();
+    let status =
+        go_command(&["build", "-o", first.to_str().unwrap(), "cmd/go"], &tmp.path().join("gc-full"), &prog, tmp.path())
+            .status()
+            .unwrap();
     assert!(status.success());
     let second = tmp.path().join("go-second");
-    let warm = go_command(&["build", "-x", "-o", second.to_str().unwrap(), "cmd/go"], &tmp.path().join("gc-warm"), &prog, tmp.path())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let warm = go_command(
+        &["build", "-x", "-o", second.to_str().unwrap(), "cmd/go"],
+        &tmp.path().join("gc-warm"),
+        &prog,
+        tmp.path(),
+    )
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
     let warm_log = text(&warm.stderr);
     assert!(warm.status.success(), "{warm_log}");
     assert!(compile_steps(&warm_log).is_empty(), "warm build compiled:\n{}", compile_steps(&warm_log).join("\n"));

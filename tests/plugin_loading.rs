@@ -112,7 +112,9 @@ fn help_explains_the_flags_and_environment() {
     let out = run_host(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for needle in ["--plugin", "GOCP_PLUGIN", "--config", "--dir", "--allow-dir", "--verbose", "--stats-json", "GOCACHEPROG="] {
+    for needle in
+        ["--plugin", "GOCP_PLUGIN", "--config", "--dir", "--allow-dir", "--verbose", "--stats-json", "GOCACHEPROG="]
+    {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
 }

@@ -203,9 +203,26 @@ fn bad_puts_get_errors_and_the_stream_goes_on() {
     let o = b64(&sha256(b"abc"));
     // Invalid base64, a size that does not match, and bytes that do not hash
     // to the OutputID: each refused, none given a DiskPath.
-    s.send_raw(format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{o}\",\"BodySize\":3}}\n\n\"!!!!\"\n").as_bytes());
-    s.send_raw(format!("{{\"ID\":2,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{o}\",\"BodySize\":4}}\n\n\"{}\"\n", b64(b"abc")).as_bytes());
-    s.send_raw(format!("{{\"ID\":3,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{o}\",\"BodySize\":3}}\n\n\"{}\"\n", b64(b"xyz")).as_bytes());
+    s.send_raw(
+        format!(
+            "{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{o}\",\"BodySize\":3}}\n\n\"!!!!\"\n"
+        )
+        .as_bytes(),
+    );
+    s.send_raw(
+        format!(
+            "{{\"ID\":2,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{o}\",\"BodySize\":4}}\n\n\"{}\"\n",
+            b64(b"abc")
+        )
+        .as_bytes(),
+    );
+    s.send_raw(
+        format!(
+            "{{\"ID\":3,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{o}\",\"BodySize\":3}}\n\n\"{}\"\n",
+            b64(b"xyz")
+        )
+        .as_bytes(),
+    );
     s.send_raw(b"{\"ID\":4,\"Command\":\"frobnicate\"}\n\n");
     s.send_get(5, &action(1));
     let mut by_id = BTreeMap::new();
@@ -226,7 +243,8 @@ fn bad_puts_get_errors_and_the_stream_goes_on() {
 
 #[test]
 fn garbage_input_ends_with_one_clear_line_not_a_panic() {
-    for garbage in [&b"hello there\n"[..], b"{\"ID\":1,\"Command\":\"get\",\"ActionID\":\"AAAA\"}\n", b"\xff\xfe\x00\n"] {
+    for garbage in [&b"hello there\n"[..], b"{\"ID\":1,\"Command\":\"get\",\"ActionID\":\"AAAA\"}\n", b"\xff\xfe\x00\n"]
+    {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Session::start(&args(&state_args(dir.path())));
         s.send_raw(garbage);
@@ -244,12 +262,18 @@ fn truncated_body_leaves_no_file_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _) = Session::start(&args(&state_args(dir.path())));
     let a = b64(&action(1));
-    s.send_raw(format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{a}\",\"BodySize\":3000}}\n\n\"AAAA").as_bytes());
+    s.send_raw(
+        format!(
+            "{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{a}\",\"BodySize\":3000}}\n\n\"AAAA"
+        )
+        .as_bytes(),
+    );
     let (status, rest, stderr) = s.finish();
     assert_eq!(status.code(), Some(1));
     assert!(rest.is_empty());
     assert!(stderr.contains("input ended inside the body"), "{stderr}");
-    let objects: Vec<_> = files_under(&dir.path().join("objects")).into_iter().filter(|p| !p.ends_with("last-trim")).collect();
+    let objects: Vec<_> =
+        files_under(&dir.path().join("objects")).into_iter().filter(|p| !p.ends_with("last-trim")).collect();
     assert!(objects.is_empty(), "left behind: {objects:?}");
 }
 

@@ -99,7 +99,11 @@ fn files_outside_the_grants_are_out_of_reach() {
         std::os::unix::fs::symlink("/etc/passwd", plugin_dir.join("planted")).unwrap();
     });
     for what in ["etc-passwd", "dotdot", "own-symlink", "planted-symlink"] {
-        let line = run.report.lines().find(|l| l.starts_with(&format!("{what}:"))).unwrap_or_else(|| panic!("{what} not tried:\n{}", run.report));
+        let line = run
+            .report
+            .lines()
+            .find(|l| l.starts_with(&format!("{what}:")))
+            .unwrap_or_else(|| panic!("{what} not tried:\n{}", run.report));
         assert!(line.contains(": denied"), "{line}");
     }
     assert!(run.report.contains("granted-dir: ALLOWED"), "the granted directory is readable:\n{}", run.report);
@@ -177,7 +181,9 @@ fn a_plugin_writing_to_stdout_cannot_disturb_the_protocol() {
 #[test]
 fn runaway_calls_become_misses_and_the_plugin_is_replaced() {
     require_go();
-    for (attack, counter) in [("loop", "plugin_timeouts"), ("alloc", "plugin_traps"), ("panic", "plugin_traps"), ("sleep", "plugin_stuck")] {
+    for (attack, counter) in
+        [("loop", "plugin_timeouts"), ("alloc", "plugin_traps"), ("panic", "plugin_traps"), ("sleep", "plugin_stuck")]
+    {
         let run = build_through(attack, &["--plugin-memory 64MiB"], &[]);
         let s = &run.stats;
         assert!(count(s, counter) > 0, "attack={attack}: {s}");
@@ -197,7 +203,20 @@ fn a_failing_backend_is_paused_instead_of_paid_for_on_every_request() {
     let (d, st, p) = (tmp.path().to_str().unwrap(), stats.to_str().unwrap(), plugin.to_str().unwrap());
     // A plugin that times out on every call: without the breaker, 60 gets
     // would cost 60 timeouts.
-    let args = ["--dir", d, "--stats-json", st, "--plugin", p, "--config", "attack=loop", "--plugin-timeout", "200ms", "--instances", "1"];
+    let args = [
+        "--dir",
+        d,
+        "--stats-json",
+        st,
+        "--plugin",
+        p,
+        "--config",
+        "attack=loop",
+        "--plugin-timeout",
+        "200ms",
+        "--instances",
+        "1",
+    ];
     let (mut s, _) = Session::start(&args);
     let started = Instant::now();
     for id in 1..=60 {
@@ -330,9 +349,14 @@ fn help_plugin_lists_configuration_imports_and_the_grants_they_need() {
     }
     assert!(help.contains("wasi:filesystem/types@") && help.contains("--allow-dir"), "{help}");
     let hostile = test_plugin("hostile");
-    let out = run_host(&["--dir", tmp.path().to_str().unwrap(), "--plugin", hostile.to_str().unwrap(), "--help-plugin"]);
+    let out =
+        run_host(&["--dir", tmp.path().to_str().unwrap(), "--plugin", hostile.to_str().unwrap(), "--help-plugin"]);
     let help = text(&out.stdout);
-    for (import, grant) in [("wasi:http/outgoing-handler@", "--allow-net"), ("wasi:sockets/tcp@", "--allow-net"), ("wasi:cli/environment@", "--allow-env")] {
+    for (import, grant) in [
+        ("wasi:http/outgoing-handler@", "--allow-net"),
+        ("wasi:sockets/tcp@", "--allow-net"),
+        ("wasi:cli/environment@", "--allow-env"),
+    ] {
         let line = help.lines().find(|l| l.contains(import)).unwrap_or_else(|| panic!("{import} missing:\n{help}"));
         assert!(line.contains(grant), "{line}");
     }

@@ -37,6 +37,18 @@ struct Args {
     /// Where to keep caches and state (a fresh temporary directory by default).
     #[arg(long)]
     work: Option<PathBuf>,
+    /// Measure only these parts (repeatable); all of them by default.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Warm,
+    Cold,
+    Startup,
+    Throughput,
+    Big,
 }
 
 /// One line of the result table.
@@ -50,8 +62,14 @@ struct Row {
 
 enum Bar {
     /// The value must be at most `bar`; `goal` is where we aim.
-    AtMost { bar: f64, goal: f64 },
-    AtLeast { bar: f64, goal: f64 },
+    AtMost {
+        bar: f64,
+        goal: f64,
+    },
+    AtLeast {
+        bar: f64,
+        goal: f64,
+    },
     /// Shown for context; no bar.
     None,
 }
@@ -59,10 +77,28 @@ enum Bar {
 impl Row {
     fn verdict(&self) -> &'static str {
         match self.bar {
-            Bar::AtMost { bar, goal } if self.value <= goal => if self.value <= bar { "goal" } else { "MISSED" },
-            Bar::AtMost { bar, .. } => if self.value <= bar { "ok" } else { "MISSED" },
+            Bar::AtMost { bar, goal } if self.value <= goal => {
+                if self.value <= bar {
+                    "goal"
+                } else {
+                    "MISSED"
+                }
+            }
+            Bar::AtMost { bar, .. } => {
+                if self.value <= bar {
+                    "ok"
+                } else {
+                    "MISSED"
+                }
+            }
             Bar::AtLeast { goal, .. } if self.value >= goal => "goal",
-            Bar::AtLeast { bar, .. } => if self.value >= bar { "ok" } else { "MISSED" },
+            Bar::AtLeast { bar, .. } => {
+                if self.value >= bar {
+                    "ok"
+                } else {
+                    "MISSED"
+                }
+            }
             Bar::None => "-",
         }
     }
@@ -164,7 +200,9 @@ fn disk_usage(dir: &Path) -> u64 {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
             total += meta.blocks() * 512;
             if meta.is_dir() {
                 stack.push(e.path());
@@ -317,7 +355,9 @@ fn big_body(host: &Path, work: &Path, size: u64) -> Result<(f64, f64)> {
     let started = Instant::now();
     let mut stdin = h.stdin.try_clone_handle()?;
     let a = action(u64::MAX);
-    let head = format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{output}\",\"BodySize\":{size}}}\n\n\"");
+    let head = format!(
+        "{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{output}\",\"BodySize\":{size}}}\n\n\""
+    );
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
         stdin.write_all(head.as_bytes())?;
         let mut left = size;
@@ -374,59 +414,73 @@ fn main() -> Result<()> {
         bar: Bar::AtMost { bar, goal },
     };
 
-    eprintln!("warm builds ({runs} alternating runs each)...");
-    rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", std_pkgs.join(" ")), bench.warm("std", std_pkgs, runs)?, 1.10, 1.05));
-    rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", module.join(" ")), bench.warm("module", module, runs)?, 1.10, 1.05));
+    let wanted = |p: Part| args.only.is_empty() || args.only.contains(&p);
 
-    eprintln!("cold builds ({cold_runs} alternating runs each)...");
-    let (times, (gocp_bytes, builtin_bytes)) = bench.cold("std", std_pkgs, cold_runs)?;
-    rows.push(ratio_row(&format!("cold go build {}, gocp / builtin", std_pkgs.join(" ")), times, 1.10, 1.03));
-    rows.push(Row {
-        figure: format!("disk after cold go build {}, gocp / builtin", std_pkgs.join(" ")),
-        gocp: format!("{:.1} MiB", gocp_bytes as f64 / 1048576.0),
-        builtin: format!("{:.1} MiB", builtin_bytes as f64 / 1048576.0),
-        value: gocp_bytes as f64 / builtin_bytes as f64,
-        bar: Bar::AtMost { bar: 1.10, goal: 1.0 },
-    });
+    if wanted(Part::Warm) {
+        eprintln!("warm builds ({runs} alternating runs each)...");
+        let std_warm = bench.warm("std", std_pkgs, runs)?;
+        rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", std_pkgs.join(" ")), std_warm, 1.10, 1.05));
+        let module_warm = bench.warm("module", module, runs)?;
+        rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", module.join(" ")), module_warm, 1.10, 1.05));
+    }
 
-    eprintln!("start-up...");
-    let start_ms = startup(&host, &work, if args.quick { 10 } else { 50 })?;
-    rows.push(Row {
-        figure: "spawn to first get answered, median (ms)".into(),
-        gocp: format!("{start_ms:.2} ms"),
-        builtin: "-".into(),
-        value: start_ms,
-        bar: Bar::AtMost { bar: 5.0, goal: 2.0 },
-    });
+    if wanted(Part::Cold) {
+        eprintln!("cold builds ({cold_runs} alternating runs each)...");
+        let (times, (gocp_bytes, builtin_bytes)) = bench.cold("std", std_pkgs, cold_runs)?;
+        rows.push(ratio_row(&format!("cold go build {}, gocp / builtin", std_pkgs.join(" ")), times, 1.10, 1.03));
+        rows.push(Row {
+            figure: format!("disk after cold go build {}, gocp / builtin", std_pkgs.join(" ")),
+            gocp: format!("{:.1} MiB", gocp_bytes as f64 / 1048576.0),
+            builtin: format!("{:.1} MiB", builtin_bytes as f64 / 1048576.0),
+            value: gocp_bytes as f64 / builtin_bytes as f64,
+            bar: Bar::AtMost { bar: 1.10, goal: 1.0 },
+        });
+    }
 
-    eprintln!("protocol throughput...");
-    let n = if args.quick { 5_000 } else { 100_000 };
-    let (put_rate, get_rate) = throughput(&host, &work, n)?;
-    rows.push(Row {
-        figure: format!("pipelined small gets (hits), per second, {n}"),
-        gocp: format!("{get_rate:.0} /s"),
-        builtin: "-".into(),
-        value: get_rate,
-        bar: Bar::AtLeast { bar: 50_000.0, goal: 150_000.0 },
-    });
-    rows.push(Row {
-        figure: format!("pipelined small puts, per second, {n} (context)"),
-        gocp: format!("{put_rate:.0} /s"),
-        builtin: "-".into(),
-        value: put_rate,
-        bar: Bar::None,
-    });
+    if wanted(Part::Startup) {
+        eprintln!("start-up...");
+        let start_ms = startup(&host, &work, if args.quick { 10 } else { 50 })?;
+        rows.push(Row {
+            figure: "spawn to first get answered, median (ms)".into(),
+            gocp: format!("{start_ms:.2} ms"),
+            builtin: "-".into(),
+            value: start_ms,
+            bar: Bar::AtMost { bar: 5.0, goal: 2.0 },
+        });
+    }
 
-    let size: u64 = if args.quick { 64 << 20 } else { 1 << 30 };
-    eprintln!("big body ({} MiB)...", size >> 20);
-    let (secs, peak) = big_body(&host, &work, size)?;
-    rows.push(Row {
-        figure: format!("peak host RSS during a {} MiB put + get (MiB)", size >> 20),
-        gocp: format!("{peak:.0} MiB in {secs:.2} s"),
-        builtin: "-".into(),
-        value: peak,
-        bar: Bar::AtMost { bar: 256.0, goal: 64.0 },
-    });
+    if wanted(Part::Throughput) {
+        eprintln!("protocol throughput...");
+        let n = if args.quick { 5_000 } else { 100_000 };
+        let (put_rate, get_rate) = throughput(&host, &work, n)?;
+        rows.push(Row {
+            figure: format!("pipelined small gets (hits), per second, {n}"),
+            gocp: format!("{get_rate:.0} /s"),
+            builtin: "-".into(),
+            value: get_rate,
+            bar: Bar::AtLeast { bar: 50_000.0, goal: 150_000.0 },
+        });
+        rows.push(Row {
+            figure: format!("pipelined small puts, per second, {n} (context)"),
+            gocp: format!("{put_rate:.0} /s"),
+            builtin: "-".into(),
+            value: put_rate,
+            bar: Bar::None,
+        });
+    }
+
+    if wanted(Part::Big) {
+        let size: u64 = if args.quick { 64 << 20 } else { 1 << 30 };
+        eprintln!("big body ({} MiB)...", size >> 20);
+        let (secs, peak) = big_body(&host, &work, size)?;
+        rows.push(Row {
+            figure: format!("peak host RSS during a {} MiB put + get (MiB)", size >> 20),
+            gocp: format!("{peak:.0} MiB in {secs:.2} s"),
+            builtin: "-".into(),
+            value: peak,
+            bar: Bar::AtMost { bar: 256.0, goal: 64.0 },
+        });
+    }
 
     let mut table = String::new();
     writeln!(table, "\n{}", String::from_utf8_lossy(&go_version.stdout).trim())?;
@@ -438,7 +492,15 @@ fn main() -> Result<()> {
             Bar::AtLeast { bar, goal } => (format!(">= {bar}"), format!("{goal}")),
             Bar::None => ("-".into(), "-".into()),
         };
-        writeln!(table, "| {} | {} | {} | {:.3} | {bar} | {goal} | {} |", r.figure, r.gocp, r.builtin, r.value, r.verdict())?;
+        writeln!(
+            table,
+            "| {} | {} | {} | {:.3} | {bar} | {goal} | {} |",
+            r.figure,
+            r.gocp,
+            r.builtin,
+            r.value,
+            r.verdict()
+        )?;
     }
     if args.quick {
         writeln!(table, "\n(--quick: a check that the benchmark runs, not figures to quote)")?;

@@ -26,9 +26,7 @@ struct State {
 
 impl Default for Breaker {
     fn default() -> Self {
-        Breaker {
-            state: Mutex::new(State { consecutive: 0, open_until: None, next_pause: FIRST_PAUSE, trips: 0 }),
-        }
+        Breaker { state: Mutex::new(State { consecutive: 0, open_until: None, next_pause: FIRST_PAUSE, trips: 0 }) }
     }
 }
 
@@ -61,7 +59,8 @@ impl Breaker {
         state.consecutive += 1;
         let paused = state.open_until.is_some_and(|until| now < until);
         // Trips at the threshold, and again on any failure after a pause.
-        let trips = !paused && (state.consecutive == THRESHOLD || (state.consecutive > THRESHOLD && state.open_until.is_some()));
+        let trips = !paused
+            && (state.consecutive == THRESHOLD || (state.consecutive > THRESHOLD && state.open_until.is_some()));
         if !trips {
             return None;
         }

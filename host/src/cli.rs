@@ -278,7 +278,10 @@ mod tests {
             parse_dir_grant(&format!("{h}:/data:ro")).unwrap(),
             DirGrant { host: tmp.path().into(), guest: "/data".into(), read_only: true }
         );
-        assert_eq!(parse_dir_grant(h).unwrap(), DirGrant { host: tmp.path().into(), guest: h.into(), read_only: false });
+        assert_eq!(
+            parse_dir_grant(h).unwrap(),
+            DirGrant { host: tmp.path().into(), guest: h.into(), read_only: false }
+        );
         assert!(parse_dir_grant("/no/such/dir").unwrap_err().contains("not a directory"));
     }
 

@@ -32,8 +32,14 @@ pub const UNCACHED_COMMANDS: &[&str] = &["close"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Get { action_id: Digest },
-    Put { action_id: Digest, output_id: Digest, body_size: u64 },
+    Get {
+        action_id: Digest,
+    },
+    Put {
+        action_id: Digest,
+        output_id: Digest,
+        body_size: u64,
+    },
     Close,
     /// A command this server did not announce; answered with an error.
     Other(String),
@@ -461,7 +467,11 @@ mod tests {
         let body = [0xffu8, 0xff, 0xff, 0xfe];
         let enc = b64(&body).replace('/', "\\/");
         assert!(enc.contains("\\/"));
-        let stream = format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{}\",\"OutputID\":\"{}\",\"BodySize\":4}}\n\n\"{enc}\"\n", b64(&[1; 32]), b64(&[2; 32]));
+        let stream = format!(
+            "{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{}\",\"OutputID\":\"{}\",\"BodySize\":4}}\n\n\"{enc}\"\n",
+            b64(&[1; 32]),
+            b64(&[2; 32])
+        );
         let mut dec = Decoder::new(stream.as_bytes());
         dec.next_request().unwrap().unwrap();
         let mut got = Vec::new();
@@ -493,7 +503,8 @@ mod tests {
     #[test]
     fn broken_framing_is_an_error_not_a_panic() {
         let a = b64(&[1; 32]);
-        let head = format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{a}\",\"BodySize\":3}}\n\n");
+        let head =
+            format!("{{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"{a}\",\"OutputID\":\"{a}\",\"BodySize\":3}}\n\n");
         for tail in ["", "\"AAA", "AAAA\"\n", "\"AA\\n\""] {
             let stream = head.clone() + tail;
             let mut dec = Decoder::new(stream.as_bytes());
@@ -504,7 +515,12 @@ mod tests {
                 other => panic!("tail {tail:?}: {other:?}"),
             }
         }
-        for line in ["garbage\n", "{\"ID\":1}\n", "{\"ID\":1,\"Command\":\"get\",\"ActionID\":\"AAAA\"}\n", "{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"AAAA\",\"OutputID\":\"AAAA\",\"BodySize\":-1}\n"] {
+        for line in [
+            "garbage\n",
+            "{\"ID\":1}\n",
+            "{\"ID\":1,\"Command\":\"get\",\"ActionID\":\"AAAA\"}\n",
+            "{\"ID\":1,\"Command\":\"put\",\"ActionID\":\"AAAA\",\"OutputID\":\"AAAA\",\"BodySize\":-1}\n",
+        ] {
             assert!(Decoder::new(line.as_bytes()).next_request().is_err(), "{line}");
         }
         let long = "x".repeat(MAX_REQUEST_LINE + 10);

@@ -153,7 +153,10 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: File, outp
 
 /// What a thread does after reading a request.
 enum Next {
-    Get { id: i64, action_id: Digest },
+    Get {
+        id: i64,
+        action_id: Digest,
+    },
     Record(Recording),
     /// Answered already.
     Nothing,
@@ -457,7 +460,13 @@ fn record(shared: &Arc<Shared>, worker: &mut Worker, recording: Recording) -> bo
 
 /// The body first (if the plugin keeps bodies, from the file opened for it),
 /// then the entry.
-fn record_with(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry, body: Option<File>) {
+fn record_with(
+    shared: &Shared,
+    instance: Option<&mut Instance>,
+    action_id: &Digest,
+    entry: &Entry,
+    body: Option<File>,
+) {
     let Some(instance) = instance else { return };
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);

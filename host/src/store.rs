@@ -298,7 +298,11 @@ mod tests {
             filetime::set_file_mtime(&p, filetime::FileTime::from_system_time(t)).unwrap();
             paths.push(p);
         }
-        let policy = TrimPolicy { max_age: Duration::from_secs(100 * 3600), max_size: 2000, interval: Duration::from_secs(3600) };
+        let policy = TrimPolicy {
+            max_age: Duration::from_secs(100 * 3600),
+            max_size: 2000,
+            interval: Duration::from_secs(3600),
+        };
         let report = store.trim(&policy).unwrap();
         assert_eq!(report, TrimReport { ran: true, removed_files: 2, removed_bytes: 2000, kept_bytes: 2000 });
         let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();

@@ -104,7 +104,11 @@ impl Session {
     /// Writes a put exactly as cmd/go does; returns the output id.
     pub fn send_put(&mut self, id: i64, action: &[u8; 32], body: &[u8]) -> [u8; 32] {
         let output = sha256(body);
-        let mut msg = format!("{{\"ID\":{id},\"Command\":\"put\",\"ActionID\":\"{}\",\"OutputID\":\"{}\"", b64(action), b64(&output));
+        let mut msg = format!(
+            "{{\"ID\":{id},\"Command\":\"put\",\"ActionID\":\"{}\",\"OutputID\":\"{}\"",
+            b64(action),
+            b64(&output)
+        );
         if body.is_empty() {
             msg.push_str("}\n\n");
         } else {
@@ -116,7 +120,14 @@ impl Session {
 
     /// Writes a put whose body is `size` bytes produced by `fill`, base64
     /// encoded on the fly so that even huge bodies never sit in memory here.
-    pub fn send_put_streamed(&mut self, id: i64, action: &[u8; 32], output: &[u8; 32], size: u64, mut fill: impl FnMut(&mut [u8])) {
+    pub fn send_put_streamed(
+        &mut self,
+        id: i64,
+        action: &[u8; 32],
+        output: &[u8; 32],
+        size: u64,
+        mut fill: impl FnMut(&mut [u8]),
+    ) {
         let head = format!(
             "{{\"ID\":{id},\"Command\":\"put\",\"ActionID\":\"{}\",\"OutputID\":\"{}\",\"BodySize\":{size}}}\n\n\"",
             b64(action),
@@ -147,7 +158,9 @@ impl Session {
         match self.responses.recv_timeout(RESPONSE_TIMEOUT) {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => panic!("{e}"),
-            Err(_) => panic!("no response from gocp-host within {RESPONSE_TIMEOUT:?}; stderr: {}", self.kill_and_stderr()),
+            Err(_) => {
+                panic!("no response from gocp-host within {RESPONSE_TIMEOUT:?}; stderr: {}", self.kill_and_stderr())
+            }
         }
     }
 

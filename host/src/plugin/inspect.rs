@@ -19,8 +19,11 @@ fn grant_for(import: &str) -> &'static str {
         "wasi:filesystem/types" | "wasi:filesystem/preopens" => {
             "files: its own /state directory; more only with --allow-dir HOST[:GUEST][:ro]"
         }
-        "wasi:sockets/tcp" | "wasi:sockets/tcp-create-socket" | "wasi:sockets/network"
-        | "wasi:sockets/instance-network" | "wasi:sockets/ip-name-lookup" => "network: only peers granted with --allow-net HOST:PORT",
+        "wasi:sockets/tcp"
+        | "wasi:sockets/tcp-create-socket"
+        | "wasi:sockets/network"
+        | "wasi:sockets/instance-network"
+        | "wasi:sockets/ip-name-lookup" => "network: only peers granted with --allow-net HOST:PORT",
         "wasi:sockets/udp" | "wasi:sockets/udp-create-socket" => "UDP: never granted",
         "wasi:http/outgoing-handler" | "wasi:http/types" => "HTTP: only hosts granted with --allow-net HOST:PORT",
         "wasi:cli/environment" => "environment: only variables granted with --allow-env NAME",

@@ -258,7 +258,8 @@ impl Template {
             wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
                 .map_err(|e| anyhow!("linking WASI HTTP: {e}"))?;
         }
-        let pre = linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
+        let pre =
+            linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
         let state_dir = options.state_root.join(options.source.state_dir_name());
@@ -279,8 +280,14 @@ impl Template {
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(ticks(self.options.call_timeout));
         let plugin = self.pre.instantiate(&mut store).map_err(|e| anyhow!("instantiating: {e:#}"))?;
-        let mut instance =
-            Instance { store, plugin, timeout: self.options.call_timeout, dead: false, busy: Duration::ZERO, watch: None };
+        let mut instance = Instance {
+            store,
+            plugin,
+            timeout: self.options.call_timeout,
+            dead: false,
+            busy: Duration::ZERO,
+            watch: None,
+        };
         let info = instance.describe().map_err(|e| anyhow!("describe: {e}"))?;
         Ok((instance, info))
     }
@@ -408,7 +415,8 @@ impl Instance {
     }
 
     pub fn write_entry(&mut self, action_id: &Digest, entry: &Entry) -> Result<(), CallError> {
-        let wire = bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
+        let wire =
+            bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
         let id = action_id.to_vec();
         self.call(self.timeout, |p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
     }

@@ -180,7 +180,8 @@ fn spawn_worker(inner: &Arc<Inner>, instance: Option<Instance>) {
     let watch = Watch::new();
     inner.watches.lock().unwrap().push(watch.clone());
     let n = inner.spawned.fetch_add(1, Ordering::SeqCst);
-    let mut worker = Worker { inner: inner.clone(), instance, watch, restarts: 0, started_once: false, abandoned: false };
+    let mut worker =
+        Worker { inner: inner.clone(), instance, watch, restarts: 0, started_once: false, abandoned: false };
     thread::Builder::new()
         .name(format!("plugin-{n}"))
         .spawn(move || {

@@ -98,11 +98,8 @@ impl Sandbox {
         // A name that does not resolve now (the remote is down, DNS is out)
         // only means no TCP address is allowed for it this run: an outage
         // must not stop the build.
-        let addrs = grants
-            .net
-            .iter()
-            .flat_map(|g| (g.host.as_str(), g.port).to_socket_addrs().into_iter().flatten())
-            .collect();
+        let addrs =
+            grants.net.iter().flat_map(|g| (g.host.as_str(), g.port).to_socket_addrs().into_iter().flatten()).collect();
         let net = Arc::new(NetPolicy { authorities: grants.net.clone(), addrs, timeout, denied: AtomicU64::new(0) });
         Sandbox { state_dir, grants, env, net }
     }
@@ -314,7 +311,10 @@ mod tests {
 
     #[test]
     fn net_grants_parse() {
-        assert_eq!(NetGrant::parse("Cache.Example:8080").unwrap(), NetGrant { host: "cache.example".into(), port: 8080 });
+        assert_eq!(
+            NetGrant::parse("Cache.Example:8080").unwrap(),
+            NetGrant { host: "cache.example".into(), port: 8080 }
+        );
         assert_eq!(NetGrant::parse("[::1]:6379").unwrap(), NetGrant { host: "::1".into(), port: 6379 });
         assert!(NetGrant::parse("nohost").is_err());
         assert!(NetGrant::parse(":80").is_err());

@@ -31,8 +31,8 @@ use wasip2::filesystem::preopens::get_directories;
 use wasip2::filesystem::types::{Descriptor, DescriptorFlags, ErrorCode, NewTimestamp, OpenFlags, PathFlags};
 
 use gocp_plugin_sdk::{
-    copy_from_stream, copy_to_stream, export_backend, hex, parse_hex, Backend, Capabilities, Config, ConfigKey,
-    Digest, Entry, Error, Info, InputStream, OutputStream,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, copy_from_stream,
+    copy_to_stream, export_backend, hex, parse_hex,
 };
 
 const STATE_DIR: &str = "/state";
@@ -78,7 +78,11 @@ impl Disk {
 
     /// Writes a file under a temporary name next to `path`, then renames it into
     /// place, creating the shard directory on first use.
-    fn write_atomically(&mut self, path: &Path, fill: impl FnOnce(&mut File) -> Result<(), Error>) -> Result<(), Error> {
+    fn write_atomically(
+        &mut self,
+        path: &Path,
+        fill: impl FnOnce(&mut File) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let dir = path.parent().expect("store paths have a parent");
         self.tmp_counter += 1;
         let tmp = dir.join(format!(".tmp-{:016x}", self.random.hash_one(self.tmp_counter)));
@@ -148,10 +152,19 @@ impl Backend for Disk {
             summary: "persistent store in a directory, safe to share between concurrent go commands".into(),
             max_instances: 0,
             config_keys: vec![
-                key("path", "directory to keep the cache in, as the plugin sees it (default /state, the plugin's own state directory; grant others with --allow-dir)"),
-                key("bodies", "also keep bodies, not only entries: auto (default: only when path is not /state), true or false"),
+                key(
+                    "path",
+                    "directory to keep the cache in, as the plugin sees it (default /state, the plugin's own state directory; grant others with --allow-dir)",
+                ),
+                key(
+                    "bodies",
+                    "also keep bodies, not only entries: auto (default: only when path is not /state), true or false",
+                ),
                 key("max-age", "remove what went unused this long (default 5d)"),
-                key("max-size", "with bodies: keep at most this many bytes of them, least recently used removed first (default 10GiB)"),
+                key(
+                    "max-size",
+                    "with bodies: keep at most this many bytes of them, least recently used removed first (default 10GiB)",
+                ),
                 key("trim-interval", "trim at most this often (default 1d)"),
             ],
         }
@@ -170,10 +183,16 @@ impl Backend for Disk {
         let trim_interval = config.take_duration("trim-interval", DEFAULT_TRIM_INTERVAL)?;
         config.finish()?;
         fs::create_dir_all(root.join("entries")).map_err(|e| {
-            Error::InvalidConfig(format!("path={}: cannot create a directory there ({e}); is it granted with --allow-dir?", root.display()))
+            Error::InvalidConfig(format!(
+                "path={}: cannot create a directory there ({e}); is it granted with --allow-dir?",
+                root.display()
+            ))
         })?;
         let (preopen, relative_root) = locate(&root).ok_or_else(|| {
-            Error::InvalidConfig(format!("path={}: not inside a granted directory (grant one with --allow-dir)", root.display()))
+            Error::InvalidConfig(format!(
+                "path={}: not inside a granted directory (grant one with --allow-dir)",
+                root.display()
+            ))
         })?;
         let disk = Disk {
             root,

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gocp_plugin_sdk::{
-    copy_from_stream, export_backend, write_all, Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info,
-    InputStream, OutputStream,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, copy_from_stream,
+    export_backend, write_all,
 };
 
 const DEFAULT_MAX_BYTES: u64 = 256 << 20;

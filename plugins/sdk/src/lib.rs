@@ -155,8 +155,9 @@ impl Config {
     pub fn take_duration(&mut self, key: &str, default: Duration) -> Result<Duration, Error> {
         match self.take(key) {
             None => Ok(default),
-            Some(v) => parse_duration(&v)
-                .ok_or_else(|| Error::InvalidConfig(format!("{key}={v}: expected a duration such as 90s, 30m, 12h or 5d"))),
+            Some(v) => parse_duration(&v).ok_or_else(|| {
+                Error::InvalidConfig(format!("{key}={v}: expected a duration such as 90s, 30m, 12h or 5d"))
+            }),
         }
     }
 

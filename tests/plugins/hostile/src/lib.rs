@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use gocp_plugin_sdk::{
-    export_backend, write_all, Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, OutputStream,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, OutputStream, export_backend, write_all,
 };
 
 struct Hostile {
@@ -75,7 +75,10 @@ fn http(port: u16) {
 }
 
 fn env() {
-    report("env", std::env::var("GOCP_TEST_SECRET").map(|v| format!("GOCP_TEST_SECRET={v}")).map_err(|e| e.to_string()));
+    report(
+        "env",
+        std::env::var("GOCP_TEST_SECRET").map(|v| format!("GOCP_TEST_SECRET={v}")).map_err(|e| e.to_string()),
+    );
 }
 
 impl Backend for Hostile {
