@@ -222,7 +222,7 @@ pub enum OpenError {
 /// The engine every plugin runs on: Cranelift, with epoch interruption so
 /// that a call running too long can be stopped, and a ticker advancing the
 /// epoch for as long as the engine lives.
-pub fn engine() -> Result<Engine> {
+fn engine() -> Result<Engine> {
     let mut config = wasmtime::Config::new();
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
     config.epoch_interruption(true);
@@ -242,7 +242,7 @@ pub fn engine() -> Result<Engine> {
 }
 
 /// Compiles (or loads the compiled form of) a plugin's component.
-pub fn component(engine: &Engine, source: &Source, artifact_dir: &std::path::Path) -> Result<Component> {
+fn component(engine: &Engine, source: &Source, artifact_dir: &std::path::Path) -> Result<Component> {
     let (wasm, sha) = source.load()?;
     artifact::load(engine, &wasm, &sha, artifact_dir)
 }
