@@ -331,13 +331,13 @@ fn memory_plugin_evicts_the_least_recently_used_bodies() {
         s.send_put(i as i64 + 1, &action(i as u32), b);
         paths.push(s.recv()["DiskPath"].as_str().unwrap().to_string());
     }
-    // Wait until the plugin has recorded the three puts (a get of each hits
-    // from the local store), then take the local copies away.
+    // The memory plugin runs one instance, on one thread, which records each
+    // put before it reads the next request: once these gets are answered,
+    // the three puts are recorded. Then take the local copies away.
     for i in 0..3u32 {
         s.send_get(100 + i as i64, &action(i));
         assert!(s.recv().get("Miss").is_none());
     }
-    std::thread::sleep(Duration::from_millis(300));
     for p in &paths {
         fs::remove_file(p).unwrap();
     }

@@ -223,14 +223,12 @@ fn a_failing_backend_is_paused_instead_of_paid_for_on_every_request() {
         "1",
     ];
     let (mut s, _) = Session::start(&args);
-    let started = Instant::now();
     for id in 1..=60 {
         s.send_get(id, &sha256(&id.to_le_bytes()));
     }
     for _ in 0..60 {
         assert_eq!(s.recv()["Miss"], json!(true));
     }
-    let elapsed = started.elapsed();
     s.send_close(61);
     s.recv();
     let (status, _, stderr) = s.finish();
@@ -238,8 +236,8 @@ fn a_failing_backend_is_paused_instead_of_paid_for_on_every_request() {
     let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
     assert!(count(&st, "breaker_trips") >= 1, "{st}");
     assert!(count(&st, "skipped_while_paused") > 0, "{st}");
+    // Without the pause every one of the 60 gets would have timed out.
     assert!(count(&st, "plugin_timeouts") < 30, "{st}");
-    assert!(elapsed < Duration::from_secs(12), "60 gets took {elapsed:?}: not paused");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
