@@ -118,3 +118,31 @@ fn help_explains_the_flags_and_environment() {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
 }
+
+#[test]
+fn plugin_test_passes_the_built_in_plugins_and_fails_a_lying_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for name in ["disk", "memory"] {
+        let out = run_host(&["--dir", d, "plugin-test", name]);
+        let table = text(&out.stdout);
+        assert!(out.status.success(), "{name}:\n{table}{}", text(&out.stderr));
+        assert!(table.contains(", 0 failed"), "{table}");
+        assert!(!table.contains("FAIL"), "{table}");
+    }
+    assert!(
+        text(&run_host(&["--dir", d, "plugin-test", "memory"]).stdout)
+            .contains("write-body then read-body, 8388608 bytes")
+    );
+
+    // A plugin that answers every lookup with the same made-up entry and
+    // writes bytes that do not match: the kit names what is wrong, exit 1.
+    let hostile = test_plugin("hostile");
+    let out = run_host(&["--dir", d, "plugin-test", hostile.to_str().unwrap(), "--config", "attack=wrong-bytes"]);
+    let table = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    assert!(table.contains("FAIL  read-entry of an unknown action is not-found"), "{table}");
+    assert!(table.contains("do not hash to the output id"), "{table}");
+    // The scratch state of the checks never lands in the user's state directory.
+    assert!(!dir.path().join("plugins").exists());
+}

@@ -38,39 +38,42 @@ repeat take several space-separated values there (GOCP_CONFIG=\"a=1 b=2\").";
 #[derive(Debug, Parser)]
 #[command(name = "gocp-host", version, about = ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+
     /// Cache backend: a built-in plugin's name or the path of a .wasm component.
     #[arg(long, env = "GOCP_PLUGIN", default_value = "disk", value_name = "NAME|PATH")]
     pub plugin: String,
 
     /// Configuration for the plugin (repeatable). Unknown keys are an error.
-    #[arg(long = "config", env = "GOCP_CONFIG", value_name = "KEY=VALUE", value_delimiter = ' ', value_parser = parse_key_value)]
+    #[arg(global = true, long = "config", env = "GOCP_CONFIG", value_name = "KEY=VALUE", value_delimiter = ' ', value_parser = parse_key_value)]
     pub config: Vec<(String, String)>,
 
     /// State directory: the local store of outputs, compiled plugins, plugin data.
     /// [default: $XDG_CACHE_HOME/gocp or ~/.cache/gocp]
-    #[arg(long, env = "GOCP_DIR", value_name = "DIR")]
+    #[arg(global = true, long, env = "GOCP_DIR", value_name = "DIR")]
     pub dir: Option<PathBuf>,
 
     /// Grant the plugin a directory, seen inside as GUEST (default: the same path);
     /// `:ro` makes it read-only (repeatable).
-    #[arg(long = "allow-dir", env = "GOCP_ALLOW_DIR", value_name = "HOST[:GUEST][:ro]", value_delimiter = ' ', value_parser = parse_dir_grant)]
+    #[arg(global = true, long = "allow-dir", env = "GOCP_ALLOW_DIR", value_name = "HOST[:GUEST][:ro]", value_delimiter = ' ', value_parser = parse_dir_grant)]
     pub allow_dir: Vec<DirGrant>,
 
     /// Let the plugin read this environment variable, e.g. a credential (repeatable).
-    #[arg(long = "allow-env", env = "GOCP_ALLOW_ENV", value_name = "NAME", value_delimiter = ' ')]
+    #[arg(global = true, long = "allow-env", env = "GOCP_ALLOW_ENV", value_name = "NAME", value_delimiter = ' ')]
     pub allow_env: Vec<String>,
 
     /// Let the plugin connect to HOST:PORT, over HTTP or TCP (repeatable).
-    #[arg(long = "allow-net", env = "GOCP_ALLOW_NET", value_name = "HOST:PORT", value_delimiter = ' ', value_parser = NetGrant::parse)]
+    #[arg(global = true, long = "allow-net", env = "GOCP_ALLOW_NET", value_name = "HOST:PORT", value_delimiter = ' ', value_parser = NetGrant::parse)]
     pub allow_net: Vec<NetGrant>,
 
     /// Memory each plugin instance may use.
-    #[arg(long, env = "GOCP_PLUGIN_MEMORY", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    #[arg(global = true, long, env = "GOCP_PLUGIN_MEMORY", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     pub plugin_memory: u64,
 
     /// How long one plugin call may take before it counts as failed (calls moving
     /// a body get more time in proportion to its size).
-    #[arg(long, env = "GOCP_PLUGIN_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(global = true, long, env = "GOCP_PLUGIN_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub plugin_timeout: Duration,
 
     /// Describe the plugin: what it is, its configuration keys, what it imports
@@ -106,6 +109,17 @@ pub struct Cli {
     /// Write the run's statistics as JSON to FILE at exit.
     #[arg(long, env = "GOCP_STATS_JSON", value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// Check a plugin against the contract in wit/gocp.wit and print a pass/fail
+    /// table; exits 1 if any check fails. Runs with the same configuration and
+    /// grants as serving, on a scratch state directory.
+    PluginTest {
+        /// The plugin to check (a built-in name or a .wasm file) [default: --plugin].
+        plugin: Option<String>,
+    },
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -165,7 +179,11 @@ pub fn run() -> Result<ExitCode> {
             bail!("{}", first.trim_start_matches("error: "));
         }
     };
-    let source = Source::parse(&cli.plugin);
+    let spec = match &cli.command {
+        Some(Subcommand::PluginTest { plugin: Some(p) }) => p.clone(),
+        _ => cli.plugin.clone(),
+    };
+    let source = Source::parse(&spec);
     if let Source::File(path) = &source
         && !path.exists()
     {
@@ -178,6 +196,14 @@ pub fn run() -> Result<ExitCode> {
     };
     if dir.to_str().is_none() {
         bail!("state directory {} is not valid UTF-8, which the go command needs", dir.display());
+    }
+    if let Some(Subcommand::PluginTest { .. }) = cli.command {
+        // A scratch /state: the checks write entries the user must not inherit.
+        let scratch = tempfile::tempdir().context("creating a scratch state directory")?;
+        let options = plugin_options(&cli, source, &dir, scratch.path(), 4);
+        let report = plugin::conformance::run(options)?;
+        print!("{}", report.table());
+        return Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     if cli.help_plugin {
         print!("{}", plugin::inspect::describe(&source, &dir.join("compiled"), &dir.join("plugins"))?);
@@ -204,21 +230,7 @@ pub fn run() -> Result<ExitCode> {
         .instances
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    let plugin = Plugin::load(plugin::Options {
-        source,
-        config: cli.config.clone(),
-        artifact_dir: dir.join("compiled"),
-        state_root: dir.join("plugins"),
-        grants: Grants {
-            dirs: cli.allow_dir.clone(),
-            env: cli.allow_env.clone(),
-            net: cli.allow_net.clone(),
-            memory: usize::try_from(cli.plugin_memory).unwrap_or(usize::MAX),
-            stderr_prefix: cli.verbose.then(|| format!("gocp plugin {}: ", short_name(&cli.plugin))),
-        },
-        max_instances: instances,
-        call_timeout: cli.plugin_timeout,
-    })?;
+    let plugin = Plugin::load(plugin_options(&cli, source, &dir, &dir.join("plugins"), instances))?;
 
     let (input, output) = take_protocol_streams()?;
     let settings = Settings {
@@ -237,6 +249,25 @@ pub fn run() -> Result<ExitCode> {
         }
     }
     Ok(exit_code(outcome.ending))
+}
+
+/// How to run the plugin, from the flags: for serving and for `plugin-test`.
+fn plugin_options(cli: &Cli, source: Source, dir: &Path, state_root: &Path, instances: usize) -> plugin::Options {
+    plugin::Options {
+        source,
+        config: cli.config.clone(),
+        artifact_dir: dir.join("compiled"),
+        state_root: state_root.to_path_buf(),
+        grants: Grants {
+            dirs: cli.allow_dir.clone(),
+            env: cli.allow_env.clone(),
+            net: cli.allow_net.clone(),
+            memory: usize::try_from(cli.plugin_memory).unwrap_or(usize::MAX),
+            stderr_prefix: cli.verbose.then(|| format!("gocp plugin {}: ", short_name(&cli.plugin))),
+        },
+        max_instances: instances,
+        call_timeout: cli.plugin_timeout,
+    }
 }
 
 fn exit_code(ending: Ending) -> ExitCode {

@@ -9,6 +9,7 @@
 
 mod artifact;
 mod bindings;
+pub mod conformance;
 pub mod embedded;
 pub mod inspect;
 mod pool;
