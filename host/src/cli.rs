@@ -98,7 +98,8 @@ pub struct Cli {
     #[arg(long, env = "GOCP_TRIM_INTERVAL", value_name = "DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
     pub trim_interval: Duration,
 
-    /// At the end, how long the plugin may take to record what is still queued.
+    /// At the end, how long the plugin may take to finish what it is doing
+    /// (recording the last puts) and its own housekeeping.
     #[arg(long, env = "GOCP_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 

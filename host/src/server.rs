@@ -41,7 +41,8 @@ use crate::store::{CommitError, Store, TrimPolicy};
 
 pub struct Settings {
     pub trim: TrimPolicy,
-    /// How long the plugin may take, at the end, to record queued puts and finish.
+    /// How long the plugin threads may take, at the end, to finish the request
+    /// in hand (recording the last puts) and run `finish`.
     pub drain_timeout: Duration,
 }
 
