@@ -36,17 +36,10 @@ fn host_pids(state: &Path) -> Vec<u32> {
     pids
 }
 
-fn go_command(args: &[&str], gocache: &Path, prog: &str, dir: &Path) -> Command {
-    let mut cmd = Command::new("go");
-    cmd.args(args)
-        .current_dir(dir)
-        .env("GOCACHE", gocache)
-        .env("GOCACHEPROG", prog)
-        .env("GOFLAGS", "")
-        .env("GOTOOLCHAIN", "local")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+/// A go command whose output is not needed, only its outcome.
+fn quiet_go(args: &[&str], gocache: &Path, prog: &str, dir: &Path) -> Command {
+    let mut cmd = go_command(dir, gocache, Some(prog), args);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     cmd
 }
 
@@ -63,7 +56,7 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
 
     // Kill gocp-host at two different points of a cold build of cmd/go.
     for (round, after_objects) in [(0, 20usize), (1, 120)] {
-        let mut go = go_command(
+        let mut go = quiet_go(
             &["build", "-o", "/dev/null", "cmd/go"],
             &tmp.path().join(format!("gc-kill-{round}")),
             &prog,
@@ -104,12 +97,12 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
     // links, runs, and is identical.
     let first = tmp.path().join("go-first");
     let status =
-        go_command(&["build", "-o", first.to_str().unwrap(), "cmd/go"], &tmp.path().join("gc-full"), &prog, tmp.path())
+        quiet_go(&["build", "-o", first.to_str().unwrap(), "cmd/go"], &tmp.path().join("gc-full"), &prog, tmp.path())
             .status()
             .unwrap();
     assert!(status.success());
     let second = tmp.path().join("go-second");
-    let warm = go_command(
+    let warm = quiet_go(
         &["build", "-x", "-o", second.to_str().unwrap(), "cmd/go"],
         &tmp.path().join("gc-warm"),
         &prog,

@@ -60,15 +60,8 @@ fn build_prepared(attack: &str, extra: &[&str], env: &[(&str, &str)], prepare: i
         prog.push(' ');
         prog.push_str(e);
     }
-    let mut cmd = std::process::Command::new("go");
-    cmd.args(["build", "./..."])
-        .current_dir(&module)
-        .env("GOCACHE", tmp.path().join("gocache"))
-        .env("GOCACHEPROG", &prog)
-        .env("GOFLAGS", "")
-        .env("GOPROXY", "off")
-        .env("GOTOOLCHAIN", "local")
-        .env_remove("GOCP_TEST_SECRET");
+    let mut cmd = go_command(&module, &tmp.path().join("gocache"), Some(&prog), &["build", "./..."]);
+    cmd.env_remove("GOCP_TEST_SECRET");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -230,7 +230,7 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// A go command with a controlled environment: its own GOCACHE, no network,
 /// no toolchain switching, and GOCACHEPROG when given.
-pub fn go(dir: &Path, gocache: &Path, gocacheprog: Option<&str>, args: &[&str]) -> Output {
+pub fn go_command(dir: &Path, gocache: &Path, gocacheprog: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new("go");
     cmd.args(args)
         .current_dir(dir)
@@ -245,7 +245,12 @@ pub fn go(dir: &Path, gocache: &Path, gocacheprog: Option<&str>, args: &[&str]) 
     if let Some(prog) = gocacheprog {
         cmd.env("GOCACHEPROG", prog);
     }
-    cmd.output().expect("running go")
+    cmd
+}
+
+/// Runs [`go_command`] to completion.
+pub fn go(dir: &Path, gocache: &Path, gocacheprog: Option<&str>, args: &[&str]) -> Output {
+    go_command(dir, gocache, gocacheprog, args).output().expect("running go")
 }
 
 pub fn text(bytes: &[u8]) -> String {
