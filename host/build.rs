@@ -33,8 +33,15 @@ fn main() {
     // beside <target>/<profile> so every host profile and rebuild shares it.
     let target_dir = out_dir.ancestors().nth(4).expect("OUT_DIR is inside the target directory").join("wasm-plugins");
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // Only the shipped plugins: a crate still being written elsewhere in the
+    // workspace must not break the host's build.
+    let mut args = vec!["build".to_string(), "--release".into(), "--target".into(), TARGET.into()];
+    for name in PLUGINS {
+        args.push("-p".into());
+        args.push(format!("gocp-plugin-{name}"));
+    }
     let output = Command::new(cargo)
-        .args(["build", "--release", "--workspace", "--target", TARGET])
+        .args(&args)
         .current_dir(&plugins_dir)
         .env("CARGO_TARGET_DIR", &target_dir)
         .env_remove("RUSTFLAGS")

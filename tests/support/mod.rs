@@ -215,6 +215,37 @@ pub fn require_go() {
     assert!(go_available(), "the go command (>= 1.24) must be on PATH for these tests");
 }
 
+/// Where `.ci/tools/*.sh` install what the tests need.
+pub fn tools_dir() -> PathBuf {
+    match std::env::var_os("GOCP_TEST_TOOLS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/gocp-test-tools"),
+    }
+}
+
+/// An executable the tests need: from the tools directory, else from PATH.
+/// Fails the test, naming the install script, when it is in neither.
+pub fn tool(name: &str) -> PathBuf {
+    let installed = tools_dir().join("bin").join(name);
+    if installed.is_file() {
+        return installed;
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| {
+        panic!("{name} is not installed: run `bash .ci/tools/<its script>.sh` (see .ci/tools/README.md) or `bash .ci/run`")
+    })
+}
+
+/// A free TCP port on 127.0.0.1 for a test server (free when asked; the
+/// server binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Every file below `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
