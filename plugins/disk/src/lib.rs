@@ -32,7 +32,7 @@ use wasip2::filesystem::types::{Descriptor, DescriptorFlags, ErrorCode, NewTimes
 
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, copy_from_stream,
-    copy_to_stream, export_backend, hex, parse_hex,
+    copy_to_stream, export_backend, hex,
 };
 
 const STATE_DIR: &str = "/state";
@@ -220,7 +220,7 @@ impl Backend for Disk {
         };
         let (bytes, _) = file.read(MAX_ENTRY_LINE, 0).map_err(|e| Error::broken(&format!("reading {path}"), e))?;
         // A line that does not parse is a miss to be overwritten, not an outage.
-        let entry = std::str::from_utf8(&bytes).ok().and_then(parse_entry).ok_or(Error::NotFound)?;
+        let entry = std::str::from_utf8(&bytes).ok().and_then(Entry::parse).ok_or(Error::NotFound)?;
         let modified = file.stat().ok().and_then(|s| s.data_modification_timestamp);
         if modified.is_none_or(|t| is_stale(UNIX_EPOCH + Duration::new(t.seconds, t.nanoseconds))) {
             // Only trimming precision depends on this; a failure is not worth a word.
@@ -230,7 +230,7 @@ impl Backend for Disk {
     }
 
     fn write_entry(&mut self, action_id: &Digest, entry: Entry) -> Result<(), Error> {
-        let line = format!("v1 {} {} {}\n", hex(&entry.output_id), entry.size, entry.put_time_ns);
+        let line = entry.to_line();
         let path = self.entry_path(action_id);
         self.write_atomically(&path, |f| f.write_all(line.as_bytes()).map_err(|e| Error::broken("writing entry", e)))
     }
@@ -278,17 +278,6 @@ fn key(name: &str, help: &str) -> ConfigKey {
 
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
-fn parse_entry(text: &str) -> Option<Entry> {
-    let mut fields = text.trim_end().split(' ');
-    if fields.next()? != "v1" {
-        return None;
-    }
-    let output_id = parse_hex(fields.next()?)?;
-    let size = fields.next()?.parse().ok()?;
-    let put_time_ns = fields.next()?.parse().ok()?;
-    fields.next().is_none().then_some(Entry { output_id, size, put_time_ns })
 }
 
 /// Whether a file's modification time is old enough that a use should

@@ -66,6 +66,27 @@ pub struct Entry {
     pub put_time_ns: u64,
 }
 
+impl Entry {
+    /// The entry as one line of text, `v1 <output hex> <size> <put time ns>\n`:
+    /// the format the shipped plugins store, readable by people and by
+    /// [`Entry::parse`]. A plugin may keep entries in any format it likes.
+    pub fn to_line(&self) -> String {
+        format!("v1 {} {} {}\n", hex(&self.output_id), self.size, self.put_time_ns)
+    }
+
+    /// Parses what [`Entry::to_line`] wrote; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Entry> {
+        let mut fields = text.trim_end().split(' ');
+        if fields.next()? != "v1" {
+            return None;
+        }
+        let output_id = parse_hex(fields.next()?)?;
+        let size = fields.next()?.parse().ok()?;
+        let put_time_ns = fields.next()?.parse().ok()?;
+        fields.next().is_none().then_some(Entry { output_id, size, put_time_ns })
+    }
+}
+
 /// Why a call did not succeed (see `error` in the WIT file).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
@@ -402,6 +423,14 @@ mod tests {
         let d: Digest = std::array::from_fn(|i| i as u8 * 7);
         assert_eq!(parse_hex(&hex(&d)), Some(d));
         assert_eq!(parse_hex("zz"), None);
+    }
+
+    #[test]
+    fn entry_lines_round_trip() {
+        let entry = Entry { output_id: [0xab; 32], size: 12345, put_time_ns: 1_700_000_000_123_456_789 };
+        assert_eq!(Entry::parse(&entry.to_line()), Some(entry));
+        assert_eq!(Entry::parse("v2 00 1 2"), None);
+        assert_eq!(Entry::parse(&format!("v1 {} 1 2 extra", hex(&[0; 32]))), None);
     }
 
     #[test]
