@@ -15,6 +15,9 @@ use crossbeam_channel::Receiver;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod remote;
+pub mod servers;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_gocp-host");
 
 /// How long any single response may take before a test gives up: generous,
@@ -236,7 +239,9 @@ pub fn tool(name: &str) -> PathBuf {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file());
     on_path.unwrap_or_else(|| {
-        panic!("{name} is not installed: run `bash .ci/tools/<its script>.sh` (see .ci/tools/README.md) or `bash .ci/run`")
+        panic!(
+            "{name} is not installed: run `bash .ci/tools/<its script>.sh` (see .ci/tools/README.md) or `bash .ci/run`"
+        )
     })
 }
 

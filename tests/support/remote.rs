@@ -1,0 +1,198 @@
+//! What a team sharing a remote cache would notice, as scenarios any remote
+//! plugin must pass against its real server: two machines sharing one cache,
+//! the server going away mid-build, and wrong credentials.
+//!
+//! A server for a scenario implements [`RemoteServer`] (see `servers/`). The
+//! scenarios drive the real go command through gocp-host; they never look at
+//! the server's own storage, only at what the go command and gocp report.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::*;
+
+/// How gocp-host reaches one backend: its flags and environment.
+#[derive(Clone, Debug, Default)]
+pub struct Backend {
+    /// `--plugin`, `--config`, `--allow-net`, `--allow-env` and their values,
+    /// one word each (no spaces: they end up in GOCACHEPROG).
+    pub args: Vec<String>,
+    /// Variables for gocp-host, such as the credentials `--allow-env` names.
+    pub env: Vec<(String, String)>,
+}
+
+/// A cache server running on 127.0.0.1 for one test. Dropping it stops it.
+pub trait RemoteServer {
+    /// Flags and environment that reach this server with valid credentials.
+    fn backend(&self) -> Backend;
+    /// The same server, with credentials it refuses.
+    fn backend_with_bad_credentials(&self) -> Backend;
+    /// Stops the server at once, as an outage would (the process is killed).
+    fn stop(&mut self);
+}
+
+/// One developer machine or CI runner: its own gocp state and GOCACHE.
+pub struct Machine {
+    pub root: PathBuf,
+}
+
+impl Machine {
+    pub fn new(root: &Path) -> Machine {
+        fs::create_dir_all(root.join("gocache")).unwrap();
+        Machine { root: root.to_path_buf() }
+    }
+
+    pub fn stats_path(&self) -> PathBuf {
+        self.root.join("stats.json")
+    }
+
+    /// A go command in `dir` caching through gocp-host with `backend`.
+    pub fn go(&self, backend: &Backend, dir: &Path, args: &[&str]) -> Command {
+        let mut prog =
+            format!("{BIN} --dir {} --stats-json {}", self.root.join("gocp").display(), self.stats_path().display());
+        for arg in &backend.args {
+            assert!(!arg.contains(char::is_whitespace), "GOCACHEPROG words cannot hold spaces: {arg:?}");
+            prog.push(' ');
+            prog.push_str(arg);
+        }
+        let mut cmd = go_command(dir, &self.root.join("gocache"), Some(&prog), args);
+        for (k, v) in &backend.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs a go command to completion; fails the test if it fails.
+    pub fn run(&self, backend: &Backend, dir: &Path, args: &[&str]) -> Output {
+        let out = self.go(backend, dir, args).output().expect("running go");
+        assert!(
+            out.status.success(),
+            "go {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        out
+    }
+
+    /// The statistics gocp-host wrote for the last go command.
+    pub fn stats(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.stats_path()).expect("gocp-host wrote --stats-json")).unwrap()
+    }
+
+    pub fn objects(&self) -> usize {
+        files_under(&self.root.join("gocp").join("objects"))
+            .iter()
+            .filter(|p| !p.starts_with(self.root.join("gocp/objects/tmp")))
+            .count()
+    }
+}
+
+/// Lines gocp-host printed, out of a go command's stderr.
+pub fn gocp_lines(stderr: &[u8]) -> Vec<String> {
+    text(stderr).lines().filter(|l| l.starts_with("gocp")).map(str::to_string).collect()
+}
+
+fn count(stats: &Value, key: &str) -> u64 {
+    stats[key].as_u64().unwrap_or_else(|| panic!("stats have no {key}: {stats}"))
+}
+
+/// Machine A builds and tests a module; machine B, with an empty local store,
+/// an empty GOCACHE and its own checkout elsewhere, then compiles nothing and
+/// gets every test result from the cache. `-trimpath` makes the action ids
+/// independent of where each machine checked the module out.
+pub fn shared_cache(server: &dyn RemoteServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = server.backend();
+    let (a, b) = (Machine::new(&tmp.path().join("a")), Machine::new(&tmp.path().join("b")));
+    let (src_a, src_b) = (tmp.path().join("a/src"), tmp.path().join("b/checkout/src"));
+    write_module(&src_a);
+    write_module(&src_b);
+
+    let out = a.run(&backend, &src_a, &["build", "-trimpath", "./..."]);
+    assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new(), "gocp stays quiet");
+    a.run(&backend, &src_a, &["test", "-trimpath", "./..."]);
+    let stats = a.stats();
+    assert!(count(&stats, "puts") > 0, "A stored its outputs: {stats}");
+    assert_eq!(count(&stats, "plugin_errors") + count(&stats, "plugin_timeouts"), 0, "{stats}");
+
+    let out = b.run(&backend, &src_b, &["build", "-x", "-trimpath", "./..."]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "B compiled nothing");
+    let stats = b.stats();
+    assert!(count(&stats, "hits_fetched") > 0, "B's hits came from the remote: {stats}");
+    assert_eq!(count(&stats, "misses"), 0, "{stats}");
+
+    let out = b.run(&backend, &src_b, &["test", "-trimpath", "./..."]);
+    let stdout = text(&out.stdout);
+    let tested: Vec<&str> = stdout.lines().filter(|l| l.starts_with("ok ")).collect();
+    assert_eq!(tested.len(), 3, "{stdout}");
+    assert!(tested.iter().all(|l| l.ends_with("(cached)")), "B's test results came from the cache:\n{stdout}");
+    assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new());
+}
+
+/// The server dies while a cold build is storing outputs: the build still
+/// succeeds, gocp says so in one line at most, and what was built stays usable
+/// locally with the server still down.
+pub fn down_mid_build(server: &mut dyn RemoteServer) {
+    require_go();
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = server.backend();
+    let machine = Machine::new(tmp.path());
+    let src = tmp.path().join("src");
+    write_module(&src);
+
+    // A build long enough to be cut: net/http and its dependencies, from scratch.
+    let mut child = machine
+        .go(&backend, &src, &["build", "-trimpath", "-o", "/dev/null", "net/http"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running go");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while machine.objects() < 20 {
+        assert!(Instant::now() < deadline, "the build stored nothing in 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "the build ended before the server could be stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the build failed with the server down:\n{}", text(&out.stderr));
+    let lines = gocp_lines(&out.stderr);
+    assert!(lines.len() <= 1, "at most one line from gocp: {lines:?}");
+
+    // The local tier still has everything: a new GOCACHE, the server still down.
+    fs::remove_dir_all(tmp.path().join("gocache")).unwrap();
+    fs::create_dir_all(tmp.path().join("gocache")).unwrap();
+    let out = machine.run(&backend, &src, &["build", "-x", "-trimpath", "-o", "/dev/null", "net/http"]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "served from the local tier");
+}
+
+/// Credentials the server refuses: the build succeeds, and gocp says once,
+/// in a line naming credentials, what is wrong.
+pub fn bad_credentials(server: &dyn RemoteServer) {
+    require_go();
+    let tmp = tempfile::tempdir().unwrap();
+    let machine = Machine::new(tmp.path());
+    let src = tmp.path().join("src");
+    write_module(&src);
+    let out = machine.run(&server.backend_with_bad_credentials(), &src, &["build", "./..."]);
+    let lines = gocp_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
+    assert!(lines[0].contains("credentials"), "the line says credentials were refused: {}", lines[0]);
+    let stats = machine.stats();
+    assert!(count(&stats, "puts") > 0 && count(&stats, "put_failures") == 0, "outputs kept locally: {stats}");
+}
+
+/// `gocp-host plugin-test` against the server: the contract's checks pass.
+pub fn conformance(server: &dyn RemoteServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = server.backend();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("plugin-test").args(&backend.args).arg("--dir").arg(tmp.path()).stdin(Stdio::null());
+    for (k, v) in &backend.env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running gocp-host plugin-test");
+    assert!(out.status.success(), "plugin-test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+}
