@@ -1,31 +1,322 @@
-//! `http`: a remote cache backend (being written: see issue 5).
+//! `http`: a remote cache on any server that speaks the Bazel HTTP remote-cache
+//! protocol (bazel-remote, nginx or Apache WebDAV, many cache services).
+//!
+//! Layout under the URL's path, which is the namespace:
+//! - `ac/<64 hex action id>`: the entry, one line as `Entry::to_line` writes it.
+//! - `cas/<64 hex output id>`: the body, byte for byte, so a server that checks
+//!   that a CAS object hashes to its name (bazel-remote does) accepts it.
+//!
+//! Each call is one or two requests (GET, or HEAD then PUT) through wasi:http;
+//! the host decides which addresses may be reached and does TLS. Bodies move
+//! in bounded chunks both ways, whatever their size.
+//!
+//! It must never contact the server from `open` (every go command pays for
+//! start-up; a wrong server or credentials show up at the first call instead),
+//! never hold a whole body in memory, and never report a server's trouble as
+//! anything the build has to care about.
 
-use gocp_plugin_sdk::{Backend, Capabilities, Config, Digest, Entry, Error, Info, export_backend};
+mod client;
 
-struct Remote;
+use std::time::Duration;
 
-impl Backend for Remote {
-    fn describe() -> Info {
-        Info {
-            name: "http".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            summary: "not written yet".into(),
-            max_instances: 0,
-            config_keys: vec![],
+use base64::Engine as _;
+use gocp_plugin_sdk::{
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, export_backend,
+    hex, write_all,
+};
+use url::Url;
+use wasip2::http::types::{Method, Scheme};
+
+use client::{Client, Failure, Response, Upload};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Far longer than any entry line (`v1`, 64 hex digits, two numbers): an
+/// answer longer than this under `ac/` was not written by gocp.
+const MAX_ENTRY: usize = 1024;
+
+/// Where the credentials came from, so that a refusal can say what to check.
+enum Auth {
+    None,
+    Token(String),
+    Basic(String),
+}
+
+struct Http {
+    client: Client,
+    /// The URL's path, ending in `/`: `ac/` and `cas/` go under it.
+    base: String,
+    /// The URL without credentials, for messages.
+    url: String,
+    auth: Auth,
+}
+
+impl Http {
+    fn path(&self, kind: &str, id: &Digest) -> String {
+        format!("{}{kind}/{}", self.base, hex(id))
+    }
+
+    fn send(&self, method: Method, path: &str, upload: Option<Upload<'_>>) -> Result<Response, Error> {
+        let verb = method_name(&method);
+        self.client.send(method, path, upload).map_err(|f| match f {
+            Failure::Local(e) => e,
+            Failure::Network(why) => Error::Unavailable(format!("{}: {verb} {path}: {why}", self.url)),
+        })
+    }
+
+    /// The error for a status that is neither success nor "not there".
+    fn refused(&self, method: &str, path: &str, status: u16) -> Error {
+        let at = format!("{}: {method} {path}", self.url);
+        match status {
+            401 | 403 => {
+                let check = match &self.auth {
+                    Auth::None => {
+                        "the server wants credentials: set token-env=VAR or basic-env=VAR and grant VAR with --allow-env VAR"
+                            .to_string()
+                    }
+                    Auth::Token(var) => format!("check the token in {var} (granted with --allow-env {var})"),
+                    Auth::Basic(var) => format!("check user:password in {var} (granted with --allow-env {var})"),
+                };
+                Error::Unavailable(format!("credentials refused by {at} (HTTP {status}): {check}"))
+            }
+            405 | 501 => Error::Broken(format!(
+                "{at}: HTTP {status}, method not allowed: the server must accept GET, HEAD and PUT (nginx: dav_methods PUT)"
+            )),
+            408 | 429 | 500..=599 => Error::Unavailable(format!("{at}: the server answered HTTP {status}")),
+            413 => Error::Broken(format!(
+                "{at}: HTTP 413, the body is larger than the server accepts: raise its limit (nginx: client_max_body_size 0)"
+            )),
+            _ => Error::Broken(format!(
+                "{at}: unexpected HTTP {status}: is this a Bazel HTTP remote cache (GET/HEAD/PUT under /ac/ and /cas/)?"
+            )),
         }
     }
 
-    fn open(_config: Config) -> Result<(Self, Capabilities), Error> {
-        Err(Error::InvalidConfig("the http plugin is not written yet".into()))
+    fn read(&self, response: &mut Response, path: &str) -> Result<Option<Vec<u8>>, Error> {
+        response.read().map_err(|f| match f {
+            Failure::Local(e) => e,
+            Failure::Network(why) => Error::Unavailable(format!("{}: GET {path}: {why}", self.url)),
+        })
     }
 
-    fn read_entry(&mut self, _action_id: &Digest) -> Result<Entry, Error> {
-        Err(Error::NotFound)
-    }
-
-    fn write_entry(&mut self, _action_id: &Digest, _entry: Entry) -> Result<(), Error> {
-        Ok(())
+    fn put(&self, path: &str, upload: Upload<'_>) -> Result<(), Error> {
+        let response = self.send(Method::Put, path, Some(upload))?;
+        match response.status {
+            200..=299 => Ok(()),
+            s => Err(self.refused("PUT", path, s)),
+        }
     }
 }
 
-export_backend!(Remote);
+impl Backend for Http {
+    fn describe() -> Info {
+        let key = |name: &str, help: &str| ConfigKey { name: name.into(), help: help.into() };
+        Info {
+            name: "http".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            summary: "remote cache on a Bazel HTTP remote-cache server (bazel-remote, nginx WebDAV, ...)".into(),
+            max_instances: 0,
+            config_keys: vec![
+                key(
+                    "url",
+                    "required: http[s]://HOST[:PORT][/PATH]; entries go to PATH/ac/, bodies to PATH/cas/; PATH separates teams or projects (Go's ids already cover Go versions and inputs); grant HOST:PORT with --allow-net",
+                ),
+                key(
+                    "token-env",
+                    "send `Authorization: Bearer <token>` with the token from this variable (grant it with --allow-env; default none)",
+                ),
+                key(
+                    "basic-env",
+                    "send HTTP basic auth with `user:password` from this variable (grant it with --allow-env; default none)",
+                ),
+                key(
+                    "timeout",
+                    "give up on connecting or on a silent server after this long (default 5s; gocp's --plugin-timeout caps it)",
+                ),
+            ],
+        }
+    }
+
+    fn open(mut config: Config) -> Result<(Self, Capabilities), Error> {
+        let raw = config.take("url").ok_or_else(|| {
+            Error::InvalidConfig(
+                "url is required: --config url=http://HOST:PORT/PATH (and --allow-net HOST:PORT)".into(),
+            )
+        })?;
+        let token_env = config.take("token-env");
+        let basic_env = config.take("basic-env");
+        let timeout = config.take_duration("timeout", DEFAULT_TIMEOUT)?;
+        config.finish()?;
+        if timeout.is_zero() {
+            return Err(Error::InvalidConfig("timeout=0: give a duration such as 5s".into()));
+        }
+
+        let url = Url::parse(&raw)
+            .map_err(|e| Error::InvalidConfig(format!("url={raw}: {e}: expected http[s]://HOST[:PORT][/PATH]")))?;
+        let scheme = match url.scheme() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => {
+                return Err(Error::InvalidConfig(format!("url={raw}: scheme {other}: expected http or https")));
+            }
+        };
+        let Some(host) = url.host_str() else {
+            return Err(Error::InvalidConfig(format!("url={raw}: no host: expected http[s]://HOST[:PORT][/PATH]")));
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "url={}: credentials in the URL end up in GOCACHEPROG and process lists: put user:password in a variable and name it with basic-env=VAR (granted with --allow-env VAR)",
+                redacted(&url)
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "url={raw}: remove the ?query or #fragment: only a path is used"
+            )));
+        }
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        let grant = format!("{host}:{}", url.port_or_known_default().unwrap_or(80));
+        let base = format!("{}/", url.path().trim_end_matches('/'));
+
+        let auth = match (token_env, basic_env) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidConfig("token-env and basic-env are both set: choose one".into()));
+            }
+            (Some(var), None) => Auth::Token(var),
+            (None, Some(var)) => Auth::Basic(var),
+            (None, None) => Auth::None,
+        };
+        let authorization = match &auth {
+            Auth::None => None,
+            Auth::Token(var) => Some(format!("Bearer {}", secret("token-env", var)?)),
+            Auth::Basic(var) => {
+                let pair = secret("basic-env", var)?;
+                if !pair.contains(':') {
+                    return Err(Error::InvalidConfig(format!(
+                        "basic-env={var}: {var} must hold user:password (no colon found)"
+                    )));
+                }
+                Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+            }
+        };
+
+        let http = Http {
+            client: Client { scheme, authority, authorization, timeout, grant },
+            base,
+            url: redacted(&url).trim_end_matches('/').to_string(),
+            auth,
+        };
+        Ok((http, Capabilities { stores_bodies: true }))
+    }
+
+    fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
+        let path = self.path("ac", action_id);
+        let mut response = self.send(Method::Get, &path, None)?;
+        match response.status {
+            200 => {}
+            404 => return Err(Error::NotFound),
+            s => return Err(self.refused("GET", &path, s)),
+        }
+        let mut text = Vec::new();
+        while let Some(chunk) = self.read(&mut response, &path)? {
+            text.extend_from_slice(&chunk);
+            if text.len() > MAX_ENTRY {
+                return Err(Error::Broken(format!(
+                    "{}: GET {path}: more than {MAX_ENTRY} bytes, not an entry gocp wrote: is another tool using this path?",
+                    self.url
+                )));
+            }
+        }
+        std::str::from_utf8(&text).ok().and_then(Entry::parse).ok_or_else(|| {
+            Error::Broken(format!(
+                "{}: GET {path}: {:?} is not an entry gocp wrote: is another tool using this path?",
+                self.url,
+                String::from_utf8_lossy(&text[..text.len().min(80)])
+            ))
+        })
+    }
+
+    fn read_body(&mut self, output_id: &Digest, size: u64, sink: &OutputStream) -> Result<(), Error> {
+        let path = self.path("cas", output_id);
+        let mut response = self.send(Method::Get, &path, None)?;
+        match response.status {
+            200 => {}
+            404 => return Err(Error::NotFound),
+            s => return Err(self.refused("GET", &path, s)),
+        }
+        let wrong_size = |got: u64| {
+            Error::Broken(format!("{}: GET {path}: the body is {got} bytes, its entry says {size}", self.url))
+        };
+        if let Some(len) = response.content_length
+            && len != size
+        {
+            return Err(wrong_size(len));
+        }
+        let mut total = 0u64;
+        while let Some(chunk) = self.read(&mut response, &path)? {
+            total += chunk.len() as u64;
+            if total > size {
+                return Err(wrong_size(total));
+            }
+            write_all(sink, &chunk)?;
+        }
+        if total != size {
+            return Err(wrong_size(total));
+        }
+        Ok(())
+    }
+
+    fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
+        let path = self.path("cas", output_id);
+        // Bodies never change, so one already there (another machine stored
+        // it) need not be sent again; one of another length is a leftover of
+        // a broken upload and is replaced.
+        let head = self.send(Method::Head, &path, None)?;
+        match head.status {
+            200 if head.content_length.is_none_or(|len| len == size) => return Ok(()),
+            200 | 404 => {}
+            s => return Err(self.refused("HEAD", &path, s)),
+        }
+        drop(head);
+        self.put(&path, Upload::Stream { size, source: body })
+    }
+
+    fn write_entry(&mut self, action_id: &Digest, entry: Entry) -> Result<(), Error> {
+        let path = self.path("ac", action_id);
+        self.put(&path, Upload::Bytes(entry.to_line().as_bytes()))
+    }
+}
+
+/// A credential from a granted environment variable.
+fn secret(key: &str, var: &str) -> Result<String, Error> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)) => Ok(v),
+        Ok(v) if !v.is_empty() => Err(Error::InvalidConfig(format!(
+            "{key}={var}: {var} holds characters that cannot go in an HTTP header (only printable ASCII)"
+        ))),
+        _ => Err(Error::InvalidConfig(format!(
+            "{key}={var}: {var} is not set or empty: set {var} and grant it with --allow-env {var}"
+        ))),
+    }
+}
+
+/// The URL as messages show it: never with a password.
+fn redacted(url: &Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.to_string()
+}
+
+fn method_name(method: &Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Put => "PUT",
+        _ => "request",
+    }
+}
+
+export_backend!(Http);
