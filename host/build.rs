@@ -13,7 +13,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-const PLUGINS: &[&str] = &["disk", "memory", "http", "s3"];
+const PLUGINS: &[&str] = &["disk", "memory", "http", "s3", "redis"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
