@@ -305,15 +305,26 @@ fn memory_plugin_hits_within_one_process_and_serves_bodies_it_holds() {
     s.send_close(1000);
     s.recv();
     assert!(s.finish().0.success());
-    let stats: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
-    assert_eq!(stats["hits_fetched"], json!(1), "{stats}");
-    assert_eq!(stats["rejected_bodies"], json!(0), "{stats}");
+    let figures: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(figures["hits_fetched"], json!(1), "{figures}");
+    assert_eq!(figures["rejected_bodies"], json!(0), "{figures}");
 
-    // The memory plugin lasts one go command: a new process knows nothing.
+    // A new process: the local tier in front of the plugin still has the
+    // entry and the body (fetched back above), so it is a hit without the
+    // plugin; without the local body it is a miss, since the memory plugin
+    // lasts one go command.
     let (mut s, _) = Session::start(&args(&a));
     s.send_get(1, &action(1));
+    let hit = s.recv();
+    assert_hit(&hit, &body(9));
+    fs::remove_file(hit["DiskPath"].as_str().unwrap()).unwrap();
+    s.send_get(2, &action(1));
     assert_eq!(s.recv()["Miss"], json!(true));
-    s.finish();
+    s.send_close(3);
+    s.recv();
+    assert!(s.finish().0.success());
+    let figures: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert_eq!((&figures["hits_local"], &figures["misses"]), (&json!(1), &json!(1)), "{figures}");
 }
 
 #[test]

@@ -19,33 +19,59 @@ pub struct Breaker {
 
 struct State {
     consecutive: u32,
-    open_until: Option<Instant>,
+    open: Option<Open>,
     next_pause: Duration,
     trips: u64,
 }
 
+/// The circuit is open: calls wait until `until`, then one call goes through
+/// as a probe, and the next may follow only a pause later.
+struct Open {
+    until: Instant,
+    pause: Duration,
+    /// A probe was let through; its failure opens the circuit for longer.
+    probing: bool,
+}
+
 impl Default for Breaker {
     fn default() -> Self {
-        Breaker { state: Mutex::new(State { consecutive: 0, open_until: None, next_pause: FIRST_PAUSE, trips: 0 }) }
+        Breaker { state: Mutex::new(State { consecutive: 0, open: None, next_pause: FIRST_PAUSE, trips: 0 }) }
     }
 }
 
 impl Breaker {
-    /// Whether the plugin may be called now. After a pause, calls go through
-    /// again; the first result decides whether the circuit closes.
+    /// Whether the plugin may be called now. After a pause one caller is let
+    /// through as a probe, and then one per pause: with the backend still
+    /// down, a slow failure (a connect timeout) then holds up one request,
+    /// not every request in flight.
     pub fn allows(&self) -> bool {
         self.allows_at(Instant::now())
     }
 
     fn allows_at(&self, now: Instant) -> bool {
+        let mut state = self.state.lock().unwrap();
+        match &mut state.open {
+            None => true,
+            Some(open) if now < open.until => false,
+            Some(open) => {
+                open.until = now + open.pause;
+                open.probing = true;
+                true
+            }
+        }
+    }
+
+    /// Whether calls are being held back now. Unlike [`Breaker::allows`] it
+    /// never lets a probe through: for decisions made before the call itself.
+    pub fn paused(&self) -> bool {
         let state = self.state.lock().unwrap();
-        state.open_until.is_none_or(|until| now >= until)
+        state.open.as_ref().is_some_and(|open| Instant::now() < open.until)
     }
 
     pub fn success(&self) {
         let mut state = self.state.lock().unwrap();
         state.consecutive = 0;
-        state.open_until = None;
+        state.open = None;
         state.next_pause = FIRST_PAUSE;
     }
 
@@ -57,15 +83,17 @@ impl Breaker {
     fn outage_at(&self, now: Instant) -> Option<Duration> {
         let mut state = self.state.lock().unwrap();
         state.consecutive += 1;
-        let paused = state.open_until.is_some_and(|until| now < until);
-        // Trips at the threshold, and again on any failure after a pause.
-        let trips = !paused
-            && (state.consecutive == THRESHOLD || (state.consecutive > THRESHOLD && state.open_until.is_some()));
+        let trips = match &state.open {
+            None => state.consecutive >= THRESHOLD,
+            // A failed probe opens it again, for longer; calls that were
+            // already in flight when it opened change nothing.
+            Some(open) => open.probing,
+        };
         if !trips {
             return None;
         }
         let pause = state.next_pause;
-        state.open_until = Some(now + pause);
+        state.open = Some(Open { until: now + pause, pause, probing: false });
         state.next_pause = (pause * 2).min(LONGEST_PAUSE);
         state.trips += 1;
         Some(pause)
@@ -93,8 +121,10 @@ mod tests {
         // Failures of calls already in flight while paused change nothing.
         assert_eq!(b.outage_at(t0 + FIRST_PAUSE / 2), None);
         let t1 = t0 + FIRST_PAUSE;
-        assert!(b.allows_at(t1), "tries again after the pause");
-        assert_eq!(b.outage_at(t1), Some(FIRST_PAUSE * 2), "a failed retry pauses twice as long");
+        assert!(b.allows_at(t1), "one probe after the pause");
+        assert!(!b.allows_at(t1), "only one");
+        assert_eq!(b.outage_at(t1), Some(FIRST_PAUSE * 2), "a failed probe pauses twice as long");
+        assert!(!b.allows_at(t1 + FIRST_PAUSE));
         assert!(b.allows_at(t1 + FIRST_PAUSE * 2));
         b.success();
         assert!(b.allows_at(t1 + FIRST_PAUSE * 2));
@@ -116,6 +146,7 @@ mod tests {
             if let Some(p) = b.outage_at(now) {
                 last = p;
                 now += p;
+                assert!(b.allows_at(now), "a probe after each pause");
             }
         }
         assert_eq!(last, LONGEST_PAUSE);

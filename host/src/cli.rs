@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
+use crate::local_entries::LocalEntries;
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::server::{self, Ending, Settings};
 use crate::store::{Store, TrimPolicy};
@@ -82,7 +83,7 @@ pub struct Cli {
     pub help_plugin: bool,
 
     /// Most plugin instances to run at once (the plugin may allow fewer).
-    /// [default: the number of CPUs]
+    /// [default: the number of CPUs; 16 for a plugin that uses the network]
     #[arg(long, env = "GOCP_INSTANCES", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub instances: Option<u16>,
 
@@ -201,7 +202,7 @@ pub fn run() -> Result<ExitCode> {
     if let Some(Subcommand::PluginTest { .. }) = cli.command {
         // A scratch /state: the checks write entries the user must not inherit.
         let scratch = tempfile::tempdir().context("creating a scratch state directory")?;
-        let options = plugin_options(&cli, source, &dir, scratch.path(), 4);
+        let options = plugin_options(&cli, source, &dir, scratch.path(), Some(4));
         let report = plugin::conformance::run(options)?;
         print!("{}", report.table());
         return Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) });
@@ -227,18 +228,27 @@ pub fn run() -> Result<ExitCode> {
             return Ok(exit_code(ending));
         }
     };
-    let instances = cli
-        .instances
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    let plugin = Plugin::load(plugin_options(&cli, source, &dir, &dir.join("plugins"), instances))?;
+    let plugin =
+        Plugin::load(plugin_options(&cli, source, &dir, &dir.join("plugins"), cli.instances.map(usize::from)))?;
+    // Bodies kept elsewhere get a local tier of entries in front (see server).
+    let local = if plugin.capabilities.stores_bodies {
+        match LocalEntries::open(&dir) {
+            Ok(local) => Some(local),
+            Err(e) => {
+                eprintln!("gocp: local entries: {e} (the build goes on; every get asks the plugin)");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     let (input, output) = take_protocol_streams()?;
     let settings = Settings {
         trim: TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: cli.trim_interval },
         drain_timeout: cli.drain_timeout,
     };
-    let outcome = server::serve(plugin, store, settings, input, output);
+    let outcome = server::serve(plugin, store, local, settings, input, output);
 
     if cli.verbose {
         eprintln!("{}", outcome.summary.line());
@@ -253,7 +263,13 @@ pub fn run() -> Result<ExitCode> {
 }
 
 /// How to run the plugin, from the flags: for serving and for `plugin-test`.
-fn plugin_options(cli: &Cli, source: Source, dir: &Path, state_root: &Path, instances: usize) -> plugin::Options {
+fn plugin_options(
+    cli: &Cli,
+    source: Source,
+    dir: &Path,
+    state_root: &Path,
+    instances: Option<usize>,
+) -> plugin::Options {
     plugin::Options {
         source,
         config: cli.config.clone(),

@@ -10,12 +10,21 @@
 //! pool's watchdog answers for it. Each response is written by the thread that
 //! has it (see `Responder`), in any order.
 //!
-//! A put is answered as soon as its body is stored locally; the same thread
-//! then has the plugin record it. Until the plugin has, gets for that action
-//! are answered from the put itself, so a go command always reads its own
-//! writes. When input ends (close, or end of file after `go list`), the loops
-//! finish, each instance runs `finish`, the store trims if due, and only then
-//! is close answered.
+//! A put is answered as soon as its body is stored locally; then the plugin
+//! records it in the background: by the same thread if fewer than half the
+//! instances are recording (uploading, for a remote plugin), else it waits in a
+//! backlog that recording threads work through, so that there are always
+//! threads left to answer gets. Until the plugin has recorded a put, gets for
+//! that action are answered from the put itself, so a go command always reads
+//! its own writes. When input ends (close, or end of file after `go list`),
+//! every thread helps empty the backlog, each instance runs `finish`, the store
+//! trims if due, and only then is close answered.
+//!
+//! For a plugin that keeps bodies elsewhere (a server, a shared directory),
+//! the host keeps a local tier in front of it: entries are also recorded
+//! locally (`local_entries`), and a get that finds both the entry and the body
+//! locally never calls the plugin. A body the plugin supplies is verified,
+//! stored locally and its entry recorded, so it is fetched once.
 //!
 //! It owns the policy that no failure of the plugin, or of the disk, ever fails
 //! a build: each becomes a miss, a local-only put, or a put error (only when
@@ -23,15 +32,16 @@
 //! `breaker`), and every request is answered exactly once. It must never write
 //! to stdout except through its `Responder`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::breaker::Breaker;
+use crate::local_entries::LocalEntries;
 use crate::plugin::{Body, CallError, Entry, Instance, Plugin, Worker};
 use crate::protocol::{
     BodyError, Command, DecodeError, Decoder, Digest, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS, format_time,
@@ -76,6 +86,16 @@ struct Shared {
     decoder: Mutex<Decoder<BufReader<File>>>,
     /// Puts answered but not yet recorded by the plugin.
     pending: Mutex<HashMap<Digest, Entry>>,
+    /// The local tier's entries, for plugins that keep bodies elsewhere.
+    local: Option<LocalEntries>,
+    /// Puts waiting for a thread to record them.
+    backlog: Mutex<VecDeque<Recording>>,
+    /// Threads recording puts now, at most `max_recording`.
+    recording: AtomicUsize,
+    max_recording: usize,
+    /// Bodies the plugin is known to have (stored or supplied this session):
+    /// not sent to it again.
+    plugin_has: Mutex<HashSet<Digest>>,
     breaker: Breaker,
     /// Set by the thread that reads the end of the session.
     over: AtomicBool,
@@ -87,9 +107,17 @@ struct Shared {
 /// claim far beyond that is a broken plugin, not a cache entry.
 const MAX_PLUGIN_BODY: u64 = 64 << 30;
 
-pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: File, output: File) -> Outcome {
+pub fn serve(
+    plugin: Plugin,
+    store: Store,
+    local: Option<LocalEntries>,
+    settings: Settings,
+    input: File,
+    output: File,
+) -> Outcome {
     let started = Instant::now();
     let label = format!("{} {}", plugin.info.name, plugin.info.version);
+    let max_recording = (plugin.instances() / 2).max(1);
     let shared = Arc::new(Shared {
         store,
         stats: Stats::default(),
@@ -98,6 +126,11 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: File, outp
         responder: Responder::new(output),
         decoder: Mutex::new(Decoder::new(BufReader::with_capacity(256 * 1024, input))),
         pending: Mutex::new(HashMap::new()),
+        local,
+        backlog: Mutex::new(VecDeque::new()),
+        recording: AtomicUsize::new(0),
+        max_recording,
+        plugin_has: Mutex::new(HashSet::new()),
         breaker: Breaker::default(),
         over: AtomicBool::new(false),
         end: Mutex::new(None),
@@ -129,10 +162,16 @@ pub fn serve(plugin: Plugin, store: Store, settings: Settings, input: File, outp
         shared.problems.report(Problem::Plugin, format!("finishing: {e}"));
     }
     // After broken input the session is cut short: leave housekeeping to the next.
-    if !matches!(ending, Ending::BadInput(_))
-        && let Err(e) = shared.store.trim(&settings.trim)
-    {
-        shared.problems.report(Problem::Store, format!("trimming the local store: {e}"));
+    if !matches!(ending, Ending::BadInput(_)) {
+        match shared.store.trim(&settings.trim) {
+            Ok(report) if report.ran => {
+                if let Some(Err(e)) = shared.local.as_ref().map(|l| l.trim(settings.trim.max_age)) {
+                    shared.problems.report(Problem::Store, format!("trimming local entries: {e}"));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => shared.problems.report(Problem::Store, format!("trimming the local store: {e}")),
+        }
     }
     if let Some(id) = close_id {
         // Never an error: cmd/go would fail a successful build over it.
@@ -167,8 +206,8 @@ enum Next {
 struct Recording {
     action_id: Digest,
     entry: Entry,
-    /// The stored body, opened for plugins that keep bodies.
-    body: Option<File>,
+    /// The stored body, for plugins that keep bodies.
+    body: Option<PathBuf>,
 }
 
 /// The loop each plugin thread runs until the session is over.
@@ -177,6 +216,8 @@ fn serve_requests(shared: &Arc<Shared>, worker: &mut Worker) {
         let next = {
             let mut decoder = shared.decoder.lock().unwrap();
             if shared.over.load(Ordering::SeqCst) {
+                drop(decoder);
+                drain_backlog(shared, worker);
                 return;
             }
             match read_next(shared, &mut decoder) {
@@ -185,13 +226,15 @@ fn serve_requests(shared: &Arc<Shared>, worker: &mut Worker) {
                     shared.over.store(true, Ordering::SeqCst);
                     *shared.end.lock().unwrap() = Some(end);
                     shared.ended.notify_all();
+                    drop(decoder);
+                    drain_backlog(shared, worker);
                     return;
                 }
             }
         };
         let carry_on = match next {
             Next::Get { id, action_id } => get(shared, worker, id, action_id),
-            Next::Record(recording) => record(shared, worker, recording),
+            Next::Record(recording) => record_or_queue(shared, worker, recording),
             Next::Nothing => true,
         };
         if !carry_on {
@@ -263,9 +306,10 @@ impl Shared {
 fn get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) -> bool {
     Stats::add(&shared.stats.gets, 1);
     let pending = shared.pending.lock().unwrap().get(&action_id).copied();
-    if let Some(entry) = pending
+    if let Some(entry) = pending.or_else(|| shared.local.as_ref().and_then(|l| l.read(&action_id)))
         && let Some(path) = shared.store.lookup(&entry.output_id, entry.size)
     {
+        Stats::add(&shared.stats.hits_local, 1);
         shared.respond(hit(shared, id, &entry, path));
         return true;
     }
@@ -326,10 +370,12 @@ fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest)
         None if shared.stores_bodies => {
             let path = fetch(shared, instance, &entry)?;
             Stats::add(&shared.stats.hits_fetched, 1);
+            shared.plugin_has.lock().unwrap().insert(entry.output_id);
             path
         }
         None => return None,
     };
+    shared.record_locally(action_id, &entry);
     Some(hit(shared, id, &entry, path))
 }
 
@@ -410,28 +456,67 @@ fn put(
             return Ok(Next::Nothing);
         }
     };
-    // Opened before answering: once the go command has its answer, the file
-    // may be trimmed or removed, but the plugin still gets the body.
-    let body = if shared.stores_bodies {
-        match File::open(&path) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                shared.problems.report(Problem::Store, format!("local store: reopening {}: {e}", path.display()));
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let entry = Entry { output_id, size, put_time_ns: now_ns() };
+    shared.record_locally(&action_id, &entry);
+    let body = shared.stores_bodies.then(|| path.clone());
     shared.respond(Response { id, disk_path: Some(path_string(path)), ..Default::default() });
 
-    if !shared.breaker.allows() {
+    // Not `allows`: a probe is let through when the put is recorded.
+    if shared.breaker.paused() {
         Stats::add(&shared.stats.local_only_puts, 1);
         return Ok(Next::Nothing);
     }
-    let entry = Entry { output_id, size, put_time_ns: now_ns() };
     shared.pending.lock().unwrap().insert(action_id, entry);
     Ok(Next::Record(Recording { action_id, entry, body }))
+}
+
+/// Records a put now if fewer than `max_recording` threads are recording,
+/// else queues it; false if the watchdog gave up on this thread.
+fn record_or_queue(shared: &Arc<Shared>, worker: &mut Worker, recording: Recording) -> bool {
+    if shared.start_recording() {
+        if !record(shared, worker, recording) {
+            shared.recording.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        return work_through_backlog(shared, worker);
+    }
+    shared.backlog.lock().unwrap().push_back(recording);
+    // A recording thread may have stopped between the check and the push.
+    if shared.start_recording() {
+        return work_through_backlog(shared, worker);
+    }
+    true
+}
+
+/// Holding a recording slot: records queued puts until there are none, then
+/// gives the slot back. False if the watchdog gave up on this thread.
+fn work_through_backlog(shared: &Arc<Shared>, worker: &mut Worker) -> bool {
+    loop {
+        loop {
+            let Some(next) = shared.backlog.lock().unwrap().pop_front() else { break };
+            if !record(shared, worker, next) {
+                shared.recording.fetch_sub(1, Ordering::SeqCst);
+                return false;
+            }
+        }
+        shared.recording.fetch_sub(1, Ordering::SeqCst);
+        // Anything queued after the last pop was queued while this thread still
+        // held its slot, and is seen here.
+        if shared.backlog.lock().unwrap().is_empty() || !shared.start_recording() {
+            return true;
+        }
+    }
+}
+
+/// At the end of the session every thread records what is left, whatever the
+/// limit, within the drain timeout the pool enforces.
+fn drain_backlog(shared: &Arc<Shared>, worker: &mut Worker) {
+    loop {
+        let Some(next) = shared.backlog.lock().unwrap().pop_front() else { return };
+        if !record(shared, worker, next) {
+            return;
+        }
+    }
 }
 
 /// Has the plugin record a put; false if the watchdog gave up on this thread.
@@ -466,20 +551,30 @@ fn record_with(
     instance: Option<&mut Instance>,
     action_id: &Digest,
     entry: &Entry,
-    body: Option<File>,
+    body: Option<PathBuf>,
 ) {
     let Some(instance) = instance else { return };
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
         return;
     }
-    if shared.stores_bodies {
-        let Some(file) = body else { return };
+    if let Some(path) = body
+        && !shared.plugin_has.lock().unwrap().contains(&entry.output_id)
+    {
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) => {
+                // Trimmed by another go command meanwhile: an entry without its
+                // body would be a miss elsewhere anyway.
+                shared.problems.report(Problem::Store, format!("local store: reopening {}: {e}", path.display()));
+                return;
+            }
+        };
         if let Err(e) = instance.write_body(&entry.output_id, entry.size, file) {
-            // An entry without its body would be a miss elsewhere anyway.
             shared.plugin_failed(&e);
             return;
         }
+        shared.plugin_has.lock().unwrap().insert(entry.output_id);
     }
     match instance.write_entry(action_id, entry) {
         Ok(()) => shared.breaker.success(),
@@ -524,6 +619,19 @@ fn receive(
 }
 
 impl Shared {
+    fn start_recording(&self) -> bool {
+        self.recording
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_recording).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Keeps an entry in the local tier, if there is one.
+    fn record_locally(&self, action_id: &Digest, entry: &Entry) {
+        if let Some(Err(e)) = self.local.as_ref().map(|l| l.write(action_id, entry)) {
+            self.problems.report(Problem::Store, format!("local entries: {e}"));
+        }
+    }
+
     fn respond_miss(&self, id: i64) {
         Stats::add(&self.stats.misses, 1);
         self.respond(Response::miss(id));

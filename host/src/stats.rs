@@ -15,6 +15,9 @@ pub struct Stats {
     pub gets: AtomicU64,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Hits answered from local disk without asking the plugin (the local
+    /// tier, or a put of this session).
+    pub hits_local: AtomicU64,
     /// Hits whose body the plugin supplied (it was not on local disk).
     pub hits_fetched: AtomicU64,
     pub hit_bytes: AtomicU64,
@@ -45,6 +48,7 @@ pub struct Summary {
     pub gets: u64,
     pub hits: u64,
     pub misses: u64,
+    pub hits_local: u64,
     pub hits_fetched: u64,
     pub hit_bytes: u64,
     pub puts: u64,
@@ -88,6 +92,7 @@ impl Stats {
             gets: self.gets.load(Relaxed),
             hits: self.hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
+            hits_local: self.hits_local.load(Relaxed),
             hits_fetched: self.hits_fetched.load(Relaxed),
             hit_bytes: self.hit_bytes.load(Relaxed),
             puts: self.puts.load(Relaxed),

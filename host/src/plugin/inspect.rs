@@ -40,7 +40,7 @@ pub fn describe(source: &Source, artifact_dir: &Path, state_root: &Path) -> Resu
         artifact_dir: artifact_dir.to_path_buf(),
         state_root: state_root.to_path_buf(),
         grants: Grants { dirs: Vec::new(), env: Vec::new(), net: Vec::new(), memory: 1 << 30, stderr_prefix: None },
-        max_instances: 1,
+        max_instances: Some(1),
         call_timeout: Duration::from_secs(10),
     };
     let what = source.describe();

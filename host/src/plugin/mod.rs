@@ -99,8 +99,10 @@ pub struct Options {
     /// Parent of each plugin's private directory (preopened as `/state`).
     pub state_root: PathBuf,
     pub grants: Grants,
-    /// Upper bound on instances; the plugin's own `max-instances` may lower it.
-    pub max_instances: usize,
+    /// Upper bound on instances; the plugin's own `max-instances` may lower
+    /// it. `None`: as many as there are CPUs, or [`NETWORK_INSTANCES`] for a
+    /// plugin that imports network interfaces.
+    pub max_instances: Option<usize>,
     /// How long one call may take (bodies get more, in proportion to size).
     pub call_timeout: Duration,
 }
@@ -156,9 +158,17 @@ impl WasiHttpView for HostState {
     }
 }
 
+/// Instances of a plugin that talks to the network, unless the user says
+/// otherwise: its calls mostly wait on round trips, so the number that keeps a
+/// build busy depends on latency, not on cores. Each costs a thread and the
+/// plugin's memory (a few MiB for the shipped ones).
+pub const NETWORK_INSTANCES: usize = 16;
+
 /// Compiled code and settings shared by every instance of one plugin.
 pub struct Template {
     engine: Engine,
+    /// Whether the plugin imports wasi:http or wasi:sockets.
+    networked: bool,
     pre: bindings::PluginPre<HostState>,
     options: Options,
     sandbox: sandbox::Sandbox,
@@ -199,12 +209,24 @@ impl Plugin {
             OpenError::Config(msg) => anyhow!("plugin `{}`: invalid configuration: {msg}", info.name),
             OpenError::Failed(e) => anyhow!("plugin `{}` failed to start: {e}", info.name),
         })?;
+        let limit = template.options.max_instances.unwrap_or_else(|| {
+            if template.networked {
+                NETWORK_INSTANCES
+            } else {
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            }
+        });
         let instances = match info.max_instances {
-            0 => template.options.max_instances,
-            n => (n as usize).min(template.options.max_instances),
+            0 => limit,
+            n => (n as usize).min(limit),
         }
         .max(1);
         Ok(Plugin { info, capabilities, template: Arc::new(template), first, instances })
+    }
+
+    /// How many instances [`Plugin::run`] starts.
+    pub fn instances(&self) -> usize {
+        self.instances
     }
 
     /// Starts a thread per instance, each running `body` until it returns.
@@ -254,8 +276,11 @@ impl Template {
         let component = component(&engine, &options.source, &options.artifact_dir)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
+        let imports: Vec<String> =
+            component.component_type().imports(&engine).map(|(name, _)| name.to_string()).collect();
+        let networked = imports.iter().any(|name| name.starts_with("wasi:http/") || name.starts_with("wasi:sockets/"));
         // Defining wasi:http costs start-up time on every run: only for those who use it.
-        if component.component_type().imports(&engine).any(|(name, _)| name.starts_with("wasi:http/")) {
+        if imports.iter().any(|name| name.starts_with("wasi:http/")) {
             wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
                 .map_err(|e| anyhow!("linking WASI HTTP: {e}"))?;
         }
@@ -265,7 +290,7 @@ impl Template {
             .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
         let state_dir = options.state_root.join(options.source.state_dir_name());
         let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout);
-        Ok(Template { engine, pre, options, sandbox })
+        Ok(Template { engine, networked, pre, options, sandbox })
     }
 
     /// A fresh instance, and the plugin's description.
