@@ -1,0 +1,167 @@
+//! The built-in `http` plugin against a real Bazel HTTP remote-cache server
+//! (nginx with WebDAV PUT and basic auth, started by each test on 127.0.0.1):
+//! the scenarios every remote plugin must pass, then what is particular to
+//! this one: the layout on the server, upload dedup, the URL path as a
+//! namespace, and bodies far larger than the plugin's memory.
+
+mod support;
+
+use std::fs;
+use std::io::Read;
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use support::remote::{self, Backend, RemoteServer};
+use support::servers::nginx::Nginx;
+use support::*;
+
+#[test]
+fn nginx_two_machines_share_the_cache() {
+    remote::shared_cache(&Nginx::start());
+}
+
+#[test]
+fn nginx_stopped_mid_build() {
+    remote::down_mid_build(&mut Nginx::start());
+}
+
+#[test]
+fn nginx_wrong_credentials() {
+    remote::bad_credentials(&Nginx::start());
+}
+
+#[test]
+fn nginx_conformance() {
+    remote::conformance(&Nginx::start());
+}
+
+/// Runs one gocp-host for `backend` with state in `dir`: `talk` sends and
+/// receives, then the session closes and gocp-host exits, which waits for
+/// the background uploads.
+fn session(
+    backend: &Backend,
+    dir: &std::path::Path,
+    extra: &[&str],
+    talk: impl FnOnce(&mut Session) -> Value,
+) -> Value {
+    let mut args: Vec<&str> = vec!["--dir", dir.to_str().unwrap()];
+    args.extend(backend.args.iter().map(String::as_str));
+    args.extend(extra);
+    let env: Vec<(&str, &str)> = backend.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (mut s, _) = Session::start_env(&args, &env);
+    let answer = talk(&mut s);
+    s.send_close(99);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "gocp-host failed: {stderr}");
+    assert!(!stderr.contains("gocp"), "gocp stays quiet: {stderr}");
+    answer
+}
+
+fn hexs(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn entries_and_bodies_land_under_the_url_path_and_bodies_are_uploaded_once() {
+    let server = Nginx::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let output = sha256(&body);
+
+    // Machine A stores the body for one action; machine B, with its own local
+    // store, produces the same body for another action.
+    session(&backend, &tmp.path().join("a"), &[], |s| {
+        s.send_put(1, &[1; 32], &body);
+        s.recv()
+    });
+    session(&backend, &tmp.path().join("b"), &[], |s| {
+        s.send_put(1, &[2; 32], &body);
+        s.recv()
+    });
+
+    let data = server.data().join("gocp");
+    assert_eq!(fs::read(data.join("cas").join(hexs(&output))).unwrap(), body, "the body is stored byte for byte");
+    for action in [[1u8; 32], [2u8; 32]] {
+        let line = fs::read_to_string(data.join("ac").join(hexs(&action))).unwrap();
+        assert!(line.starts_with(&format!("v1 {} 300000 ", hexs(&output))), "entry line: {line:?}");
+    }
+    let log = server.access_log();
+    let cas_path = format!("/gocp/cas/{}", hexs(&output));
+    let puts = log.lines().filter(|l| l.contains(&format!("\"PUT {cas_path} "))).count();
+    let heads = log.lines().filter(|l| l.contains(&format!("\"HEAD {cas_path} "))).count();
+    assert_eq!(puts, 1, "B found the body on the server and did not upload it again:\n{log}");
+    assert!(heads >= 2, "each machine asked before uploading:\n{log}");
+
+    // Another URL path is another namespace: nothing of /gocp shows there.
+    let other = server.backend_at("/another-team", "correct-horse");
+    let miss = session(&other, &tmp.path().join("c"), &[], |s| {
+        s.send_get(1, &[1; 32]);
+        s.recv()
+    });
+    assert_eq!(miss["Miss"], json!(true), "{miss}");
+    // And the same path on a third machine is a hit fetched from the server.
+    let hit = session(&backend, &tmp.path().join("d"), &[], |s| {
+        s.send_get(1, &[1; 32]);
+        s.recv()
+    });
+    assert_eq!(fs::read(hit["DiskPath"].as_str().unwrap_or_else(|| panic!("{hit}"))).unwrap(), body);
+}
+
+/// Fills buffers with the same pseudo-random bytes for the same seed.
+struct Noise(u64);
+
+impl Noise {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+#[test]
+fn a_body_much_larger_than_the_plugins_memory_goes_up_and_comes_back() {
+    const SIZE: u64 = 200 << 20;
+    let server = Nginx::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    // The plugin gets 32 MiB of memory: a body it buffered whole could not fit.
+    let small = ["--plugin-memory", "32MiB"];
+
+    let mut hasher = Sha256::new();
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..SIZE >> 20 {
+        noise.fill(&mut buf);
+        hasher.update(&buf);
+    }
+    let output: [u8; 32] = hasher.finalize().into();
+
+    session(&backend, &tmp.path().join("a"), &small, |s| {
+        let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+        s.send_put_streamed(1, &[9; 32], &output, SIZE, |b| noise.fill(b));
+        s.recv()
+    });
+    let stored = server.data().join("gocp/cas").join(hexs(&output));
+    assert_eq!(fs::metadata(&stored).map(|m| m.len()).ok(), Some(SIZE), "the whole body reached the server");
+
+    let hit = session(&backend, &tmp.path().join("b"), &small, |s| {
+        s.send_get(1, &[9; 32]);
+        s.recv()
+    });
+    assert_eq!(hit["Size"], json!(SIZE), "{hit}");
+    let mut file = fs::File::open(hit["DiskPath"].as_str().unwrap()).unwrap();
+    let mut hasher = Sha256::new();
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    assert_eq!(<[u8; 32]>::from(hasher.finalize()), output, "machine B got the same bytes back");
+}

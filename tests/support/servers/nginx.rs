@@ -1,0 +1,156 @@
+//! nginx as a Bazel HTTP remote cache, the way many teams run one: WebDAV PUT
+//! into a directory, behind basic auth. It runs in the foreground as the
+//! test's child with everything (config, logs, pid, temp files, data) inside
+//! its own temporary directory, and is killed when dropped.
+//!
+//! The binary comes from `.ci/tools/nginx.sh`. This file must never touch
+//! anything outside its temporary directory or listen anywhere but 127.0.0.1.
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::remote::{Backend, RemoteServer};
+use crate::support::{free_port, tool};
+
+const USER: &str = "gocp";
+const PASSWORD: &str = "correct-horse";
+/// The variable the tests grant to the plugin for `basic-env`.
+pub const CREDENTIALS_VAR: &str = "GOCP_TEST_HTTP_BASIC";
+
+pub struct Nginx {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx on a free port and waits until it accepts connections.
+    pub fn start() -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let root = dir.path();
+        fs::create_dir_all(root.join("data")).unwrap();
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        // nginx reads `{PLAIN}` passwords as they are: a test needs no hashing tool.
+        fs::write(root.join("htpasswd"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
+        let r = root.display();
+        // One process (master_process off): killing it stops the server whole,
+        // and as root it needs no `user` to drop to.
+        let conf = format!(
+            "daemon off;
+master_process off;
+worker_processes 1;
+pid {r}/nginx.pid;
+error_log {r}/error.log info;
+events {{ worker_connections 512; }}
+http {{
+  access_log {r}/access.log;
+  client_body_temp_path {r}/tmp/body;
+  proxy_temp_path {r}/tmp/proxy;
+  fastcgi_temp_path {r}/tmp/fastcgi;
+  uwsgi_temp_path {r}/tmp/uwsgi;
+  scgi_temp_path {r}/tmp/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    root {r}/data;
+    client_max_body_size 0;
+    location / {{
+      dav_methods PUT;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+      auth_basic \"gocp cache\";
+      auth_basic_user_file {r}/htpasswd;
+    }}
+  }}
+}}
+"
+        );
+        fs::write(root.join("nginx.conf"), conf).unwrap();
+        let child = Command::new(tool("nginx"))
+            .arg("-p")
+            .arg(root)
+            .arg("-c")
+            .arg(root.join("nginx.conf"))
+            .arg("-e")
+            .arg(root.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nginx");
+        let mut server = Nginx { child: Some(child), dir, port };
+        server.wait_listening();
+        server
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let log = fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default();
+                panic!("nginx did not start on 127.0.0.1:{} ({exited:?}):\n{log}", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The directory nginx serves: what the cache holds, as files.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Requests nginx served so far, one line each (method, path, status...).
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    /// The plugin's flags for a namespace (`/gocp` in the scenarios) and a password.
+    pub fn backend_at(&self, namespace: &str, password: &str) -> Backend {
+        let port = self.port;
+        Backend {
+            args: vec![
+                "--plugin".into(),
+                "http".into(),
+                "--config".into(),
+                format!("url=http://127.0.0.1:{port}{namespace}"),
+                "--config".into(),
+                format!("basic-env={CREDENTIALS_VAR}"),
+                "--allow-env".into(),
+                CREDENTIALS_VAR.into(),
+                "--allow-net".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+            env: vec![(CREDENTIALS_VAR.into(), format!("{USER}:{password}"))],
+        }
+    }
+}
+
+impl RemoteServer for Nginx {
+    fn backend(&self) -> Backend {
+        self.backend_at("/gocp", PASSWORD)
+    }
+
+    fn backend_with_bad_credentials(&self) -> Backend {
+        self.backend_at("/gocp", "wrong-password")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
