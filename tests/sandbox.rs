@@ -177,7 +177,9 @@ fn runaway_calls_become_misses_and_the_plugin_is_replaced() {
     for (attack, counter) in
         [("loop", "plugin_timeouts"), ("alloc", "plugin_traps"), ("panic", "plugin_traps"), ("sleep", "plugin_stuck")]
     {
-        let run = build_through(attack, &["--plugin-memory 64MiB"], &[]);
+        // Two instances, so that the later calls land on a replaced one (the
+        // hostile plugin imports the network and would get sixteen).
+        let run = build_through(attack, &["--plugin-memory 64MiB", "--instances 2"], &[]);
         let s = &run.stats;
         assert!(count(s, counter) > 0, "attack={attack}: {s}");
         assert_eq!(count(s, "hits"), 0, "attack={attack}: {s}");
