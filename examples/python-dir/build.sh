@@ -9,7 +9,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/build/python-dir.wasm}"
 # The contract: a copy of gocp's wit/ next to this script, else the gocp
 # repository's own (when built in place, in examples/).
-wit="$here/wit"
+wit="$here/gocp-wit"
 [ -d "$wit" ] || wit="$here/../../wit"
 tools="${GOCP_TEST_TOOLS:-$HOME/.cache/gocp-test-tools}/bin"
 cpy="$(command -v componentize-py || true)"
