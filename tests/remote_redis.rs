@@ -1,0 +1,183 @@
+//! The `redis` plugin against a real Redis server started on 127.0.0.1: the
+//! scenarios every remote plugin must pass (tests/support/remote.rs), and what
+//! is particular to this one: an ACL user confined to a prefix, upload dedup
+//! seen from the server, a body larger than the plugin's memory streamed both
+//! ways, `max-body`, and `ttl`.
+
+mod support;
+
+use std::fs;
+
+use serde_json::{Value, json};
+use support::remote::{self, Backend, Machine, RemoteServer, gocp_lines};
+use support::servers::redis::{ACL_PASSWORD, ACL_PREFIX, ACL_USER, Redis};
+use support::*;
+
+#[test]
+fn two_machines_share_the_cache() {
+    remote::shared_cache(&Redis::start());
+}
+
+#[test]
+fn server_killed_mid_build() {
+    remote::down_mid_build(&mut Redis::start());
+}
+
+#[test]
+fn wrong_password_is_reported_once() {
+    remote::bad_credentials(&Redis::start());
+}
+
+#[test]
+fn conformance() {
+    remote::conformance(&Redis::start());
+}
+
+/// A session with gocp-host on its own state directory, reaching `backend`.
+fn session(state: &std::path::Path, backend: &Backend, extra: &[&str]) -> Session {
+    let mut args: Vec<&str> = vec!["--dir", state.to_str().unwrap()];
+    args.extend(backend.args.iter().map(String::as_str));
+    args.extend(extra);
+    let env: Vec<(&str, &str)> = backend.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Session::start_env(&args, &env).0
+}
+
+/// Stores `body` under `action` and waits until the plugin recorded it (close).
+fn put(state: &std::path::Path, backend: &Backend, action: &[u8; 32], body: &[u8]) {
+    let mut s = session(state, backend, &[]);
+    s.send_put(1, action, body);
+    assert!(s.recv().get("DiskPath").is_some(), "the put was answered with a path");
+    s.send_close(2);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+}
+
+/// Looks `action` up from a state directory that has never seen it.
+fn get(state: &std::path::Path, backend: &Backend, action: &[u8; 32], extra: &[&str]) -> Value {
+    let mut s = session(state, backend, extra);
+    s.send_get(1, action);
+    let r = s.recv();
+    s.send_close(2);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+    r
+}
+
+#[test]
+fn an_acl_user_works_within_its_prefix_and_is_refused_outside() {
+    require_go();
+    let server = Redis::start();
+    let credentials = format!("{ACL_USER}:{ACL_PASSWORD}@");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_module(&src);
+
+    let confined = server.backend_with(&credentials, &[&format!("prefix={ACL_PREFIX}")]);
+    let machine = Machine::new(&tmp.path().join("a"));
+    let out = machine.run(&confined, &src, &["build", "./..."]);
+    assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new());
+    assert!(!server.keys(&format!("{ACL_PREFIX}ac/*")).is_empty(), "entries under the prefix");
+    assert!(!server.keys(&format!("{ACL_PREFIX}cas/*")).is_empty(), "bodies under the prefix");
+    assert_eq!(server.keys("gocp/*"), Vec::<String>::new(), "nothing under the default prefix");
+
+    // The same user on the default prefix: Redis says NOPERM; the build goes on.
+    let outside = server.backend_with(&credentials, &[]);
+    let machine = Machine::new(&tmp.path().join("b"));
+    let out = machine.run(&outside, &src, &["build", "./..."]);
+    let lines = gocp_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("credentials") && lines[0].contains("NOPERM"), "{}", lines[0]);
+}
+
+#[test]
+fn a_body_already_on_the_server_is_not_uploaded_again() {
+    let server = Redis::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let body = vec![7u8; 300_000];
+    put(&tmp.path().join("a"), &backend, &[1; 32], &body);
+    assert_eq!(server.calls("set"), 2, "A stored a body and an entry");
+
+    // Machine B produces the same output under another action: its host does
+    // not know the server has it, so only the plugin can skip the upload.
+    put(&tmp.path().join("b"), &backend, &[2; 32], &body);
+    assert_eq!(server.calls("set"), 3, "B stored only its entry");
+    assert_eq!(server.keys("gocp/cas/*").len(), 1);
+    assert_eq!(server.keys("gocp/ac/*").len(), 2);
+
+    let hit = get(&tmp.path().join("c"), &backend, &[2; 32], &[]);
+    assert_eq!(fs::read(hit["DiskPath"].as_str().unwrap()).unwrap(), body, "{hit}");
+}
+
+#[test]
+fn a_body_larger_than_the_plugins_memory_streams_both_ways() {
+    let server = Redis::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let size: u64 = 96 << 20;
+    let pattern = |chunk: &mut [u8]| chunk.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+    let mut whole = Vec::with_capacity(size as usize);
+    let mut chunk = vec![0u8; 3 << 20];
+    while (whole.len() as u64) < size {
+        let n = (size as usize - whole.len()).min(chunk.len());
+        pattern(&mut chunk[..n]);
+        whole.extend_from_slice(&chunk[..n]);
+    }
+    let output = sha256(&whole);
+    drop(whole);
+
+    // 32 MiB per instance: a plugin holding the body in memory would trap.
+    let small = ["--plugin-memory", "32MiB"];
+    let mut s = session(&tmp.path().join("a"), &backend, &small);
+    s.send_put_streamed(1, &[9; 32], &output, size, pattern);
+    assert!(s.recv().get("DiskPath").is_some());
+    s.send_close(2);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+    assert_eq!(server.cli(&["STRLEN", &format!("gocp/cas/{}", hex::encode(output))]), size.to_string());
+
+    let hit = get(&tmp.path().join("b"), &backend, &[9; 32], &small);
+    assert_eq!(hit["Size"], json!(size), "{hit}");
+    let served = fs::read(hit["DiskPath"].as_str().unwrap()).unwrap();
+    assert_eq!(sha256(&served), output, "the body came back whole");
+}
+
+#[test]
+fn bodies_beyond_max_body_stay_local() {
+    let server = Redis::start();
+    let mut backend = server.backend();
+    backend.args.extend(["--config".into(), "max-body=64KiB".into()]);
+    let tmp = tempfile::tempdir().unwrap();
+    put(&tmp.path().join("a"), &backend, &[1; 32], &vec![1u8; 100_000]);
+    put(&tmp.path().join("a"), &backend, &[2; 32], &vec![2u8; 1000]);
+    assert_eq!(server.keys("gocp/cas/*"), vec![format!("gocp/cas/{}", hex::encode(sha256(&[2u8; 1000])))]);
+    assert_eq!(server.keys("gocp/ac/*").len(), 2, "both entries are shared");
+    assert_eq!(get(&tmp.path().join("a"), &backend, &[1; 32], &[])["Size"], json!(100_000), "A still has it");
+    assert_eq!(get(&tmp.path().join("b"), &backend, &[1; 32], &[])["Miss"], json!(true), "B cannot get it");
+}
+
+#[test]
+fn ttl_expires_entries_and_bodies_and_hits_refresh_them() {
+    let server = Redis::start();
+    let mut backend = server.backend();
+    backend.args.extend(["--config".into(), "ttl=1h".into()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let body = b"with a time to live".to_vec();
+    put(&tmp.path().join("a"), &backend, &[1; 32], &body);
+    let entry = format!("gocp/ac/{}", hex::encode([1u8; 32]));
+    let cas = format!("gocp/cas/{}", hex::encode(sha256(&body)));
+    for key in [&entry, &cas] {
+        let ttl: u64 = server.cli(&["TTL", key]).parse().unwrap();
+        assert!((3590..=3600).contains(&ttl), "{key} expires in an hour: {ttl}");
+        server.cli(&["EXPIRE", key, "60"]);
+    }
+    let hit = get(&tmp.path().join("b"), &backend, &[1; 32], &[]);
+    assert_eq!(fs::read(hit["DiskPath"].as_str().unwrap()).unwrap(), body);
+    for key in [&entry, &cas] {
+        let ttl: u64 = server.cli(&["TTL", key]).parse().unwrap();
+        assert!(ttl > 3500, "a hit gave {key} another hour: {ttl}");
+    }
+}
