@@ -205,7 +205,7 @@ impl Redis {
         let mut out = head;
         let mut sent = 0u64;
         while sent < size {
-            let chunk = match body.blocking_read(CHUNK.min((size - sent) as usize) as u64) {
+            let chunk = match body.blocking_read((size - sent).min(CHUNK as u64)) {
                 Ok(chunk) => chunk,
                 Err(StreamError::Closed) => break,
                 Err(StreamError::LastOperationFailed(e)) => {
@@ -255,10 +255,11 @@ impl Redis {
                 String::from_utf8_lossy(key)
             )));
         }
-        let mut buf = vec![0u8; CHUNK.min(size as usize)];
+        // Sizes are u64 and usize is 32 bits here: bound before converting.
+        let mut buf = vec![0u8; size.min(CHUNK as u64) as usize];
         let mut left = size;
         while left > 0 {
-            let n = CHUNK.min(left as usize);
+            let n = left.min(CHUNK as u64) as usize;
             conn.read_exact(&mut buf[..n]).map_err(Failure::io("reading a body"))?;
             if let Err(e) = write_all(sink, &buf[..n]) {
                 // The rest of the value is unread: this connection is out of step.
