@@ -1,8 +1,10 @@
-//! The built-in `http` plugin against a real Bazel HTTP remote-cache server
-//! (nginx with WebDAV PUT and basic auth, started by each test on 127.0.0.1):
-//! the scenarios every remote plugin must pass, then what is particular to
-//! this one: the layout on the server, upload dedup, the URL path as a
-//! namespace, and bodies far larger than the plugin's memory.
+//! The built-in `http` plugin against real servers that speak the Bazel HTTP
+//! remote-cache protocol, started by each test on 127.0.0.1: nginx (WebDAV
+//! PUT with create_full_put_path, basic auth) and WsgiDAV (plain WebDAV: the
+//! plugin makes the directories with MKCOL). First the scenarios every remote
+//! plugin must pass, then what is particular to this one: the layout on the
+//! server, upload dedup, the URL path as a namespace, and bodies far larger
+//! than the plugin's memory.
 
 mod support;
 
@@ -13,6 +15,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use support::remote::{self, Backend, RemoteServer};
 use support::servers::nginx::Nginx;
+use support::servers::wsgidav::WsgiDav;
 use support::*;
 
 #[test]
@@ -33,6 +36,26 @@ fn nginx_wrong_credentials() {
 #[test]
 fn nginx_conformance() {
     remote::conformance(&Nginx::start());
+}
+
+#[test]
+fn webdav_two_machines_share_the_cache() {
+    remote::shared_cache(&WsgiDav::start());
+}
+
+#[test]
+fn webdav_stopped_mid_build() {
+    remote::down_mid_build(&mut WsgiDav::start());
+}
+
+#[test]
+fn webdav_wrong_credentials() {
+    remote::bad_credentials(&WsgiDav::start());
+}
+
+#[test]
+fn webdav_conformance() {
+    remote::conformance(&WsgiDav::start());
 }
 
 /// Runs one gocp-host for `backend` with state in `dir`: `talk` sends and

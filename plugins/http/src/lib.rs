@@ -48,6 +48,11 @@ struct Http {
     /// The URL without credentials, for messages.
     url: String,
     auth: Auth,
+    /// Create collections with MKCOL before the first upload into them
+    /// (plain WebDAV servers refuse a PUT whose parent does not exist).
+    mkcol: bool,
+    /// The kinds (`ac`, `cas`) whose collections this instance has made.
+    made: Vec<&'static str>,
 }
 
 impl Http {
@@ -56,7 +61,7 @@ impl Http {
     }
 
     fn send(&self, method: Method, path: &str, upload: Option<Upload<'_>>) -> Result<Response, Error> {
-        let verb = method_name(&method);
+        let verb = method_name(&method).to_string();
         self.client.send(method, path, upload).map_err(|f| match f {
             Failure::Local(e) => e,
             Failure::Network(why) => Error::Unavailable(format!("{}: {verb} {path}: {why}", self.url)),
@@ -98,12 +103,38 @@ impl Http {
         })
     }
 
-    fn put(&self, path: &str, upload: Upload<'_>) -> Result<(), Error> {
+    fn put(&mut self, kind: &'static str, path: &str, upload: Upload<'_>) -> Result<(), Error> {
+        if self.mkcol && !self.made.contains(&kind) {
+            self.make_collections(kind)?;
+            self.made.push(kind);
+        }
         let response = self.send(Method::Put, path, Some(upload))?;
         match response.status {
             200..=299 => Ok(()),
+            409 if !self.mkcol => Err(Error::Broken(format!(
+                "{}: PUT {path}: HTTP 409, the server wants the directories created first: add --config mkcol=true",
+                self.url
+            ))),
             s => Err(self.refused("PUT", path, s)),
         }
+    }
+
+    /// MKCOL on every collection from the URL's path down to `kind/`: once
+    /// per instance, since each is a request and they only ever need making once.
+    fn make_collections(&self, kind: &str) -> Result<(), Error> {
+        let full = format!("{}{kind}/", self.base);
+        let mut path = String::from("/");
+        for segment in full.split('/').filter(|s| !s.is_empty()) {
+            path.push_str(segment);
+            path.push('/');
+            let response = self.send(Method::Other("MKCOL".into()), &path, None)?;
+            match response.status {
+                // Made now, or already there (RFC 4918 answers 405 for an existing one).
+                200..=299 | 405 => {}
+                s => return Err(self.refused("MKCOL", &path, s)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -129,6 +160,10 @@ impl Backend for Http {
                     "send HTTP basic auth with `user:password` from this variable (grant it with --allow-env; default none)",
                 ),
                 key(
+                    "mkcol",
+                    "true: create the directories with MKCOL before the first upload, for plain WebDAV servers such as Apache mod_dav (default false: bazel-remote and nginx with create_full_put_path need none)",
+                ),
+                key(
                     "timeout",
                     "give up on connecting or on a silent server after this long (default 5s; gocp's --plugin-timeout caps it)",
                 ),
@@ -145,6 +180,7 @@ impl Backend for Http {
         let token_env = config.take("token-env");
         let basic_env = config.take("basic-env");
         let timeout = config.take_duration("timeout", DEFAULT_TIMEOUT)?;
+        let mkcol = config.take_bool("mkcol", false)?;
         config.finish()?;
         if timeout.is_zero() {
             return Err(Error::InvalidConfig("timeout=0: give a duration such as 5s".into()));
@@ -207,6 +243,8 @@ impl Backend for Http {
             base,
             url: redacted(&url).trim_end_matches('/').to_string(),
             auth,
+            mkcol,
+            made: Vec::new(),
         };
         Ok((http, Capabilities { stores_bodies: true }))
     }
@@ -275,17 +313,19 @@ impl Backend for Http {
         // a broken upload and is replaced.
         let head = self.send(Method::Head, &path, None)?;
         match head.status {
-            200 if head.content_length.is_none_or(|len| len == size) => return Ok(()),
+            // Some servers answer HEAD with a length of 0 whatever the object: only
+            // another non-zero length means a different object.
+            200 if head.content_length.is_none_or(|len| len == size || len == 0) => return Ok(()),
             200 | 404 => {}
             s => return Err(self.refused("HEAD", &path, s)),
         }
         drop(head);
-        self.put(&path, Upload::Stream { size, source: body })
+        self.put("cas", &path, Upload::Stream { size, source: body })
     }
 
     fn write_entry(&mut self, action_id: &Digest, entry: Entry) -> Result<(), Error> {
         let path = self.path("ac", action_id);
-        self.put(&path, Upload::Bytes(entry.to_line().as_bytes()))
+        self.put("ac", &path, Upload::Bytes(entry.to_line().as_bytes()))
     }
 }
 
@@ -310,11 +350,12 @@ fn redacted(url: &Url) -> String {
     shown.to_string()
 }
 
-fn method_name(method: &Method) -> &'static str {
+fn method_name(method: &Method) -> &str {
     match method {
         Method::Get => "GET",
         Method::Head => "HEAD",
         Method::Put => "PUT",
+        Method::Other(m) => m,
         _ => "request",
     }
 }

@@ -3,3 +3,4 @@
 //! The binaries come from `.ci/tools/*.sh` (found with `support::tool`).
 pub mod nginx;
 pub mod redis;
+pub mod wsgidav;
