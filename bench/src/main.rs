@@ -5,6 +5,8 @@
 //! neighbour hurts both alike, and every figure is a median. Nothing here
 //! fails on a timing: it reports.
 
+mod remote;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -49,6 +51,7 @@ enum Part {
     Startup,
     Throughput,
     Big,
+    Remote,
 }
 
 /// One line of the result table.
@@ -121,6 +124,13 @@ impl Bench {
         format!("{} --dir {}", self.host.display(), state.display())
     }
 
+    /// A warm builtin cache for `pkgs`, built once per work directory.
+    fn builtin_warm_cache(&self, name: &str, pkgs: &[&str]) -> Result<PathBuf> {
+        let builtin = self.work.join(format!("{name}-builtin-cache"));
+        self.go_build(pkgs, &builtin, None)?;
+        Ok(builtin)
+    }
+
     /// Runs `go build PKGS` with the given caches; returns the wall time.
     fn go_build(&self, pkgs: &[&str], gocache: &Path, prog: Option<&str>) -> Result<Duration> {
         let mut cmd = Command::new("go");
@@ -138,7 +148,7 @@ impl Bench {
 
     /// Warm builds, alternating between the caches; returns (gocp, builtin) medians.
     fn warm(&self, name: &str, pkgs: &[&str], runs: usize) -> Result<(f64, f64)> {
-        let builtin = self.work.join(format!("{name}-builtin-cache"));
+        let builtin = self.builtin_warm_cache(name, pkgs)?;
         let state = self.work.join(format!("{name}-gocp-state"));
         let prog = self.gocacheprog(&state);
         // Fill both caches once. With GOCACHEPROG set, the go command keeps no
@@ -147,7 +157,6 @@ impl Bench {
         // that layout keeps its creation (tens of ms) out of the comparison,
         // as a developer's machine would.
         let gocp_gocache = self.work.join(format!("{name}-gocp-gocache"));
-        self.go_build(pkgs, &builtin, None)?;
         self.go_build(pkgs, &gocp_gocache, Some(&prog))?;
         let (mut g, mut b) = (Vec::new(), Vec::new());
         for _ in 0..runs {
@@ -178,6 +187,67 @@ impl Bench {
             }
         }
         Ok(((median(&mut g), median(&mut b)), sizes))
+    }
+}
+
+/// What the remote part measured: seconds, as (gocp, builtin) medians.
+struct RemoteFigures {
+    /// Warm build from an empty local store, every output in Redis.
+    warm_from_remote: (f64, f64),
+    /// Cold build with the server down (its port refusing connections).
+    cold_remote_down: (f64, f64),
+    /// The first cold build, uploading everything (one run, for context).
+    cold_uploading: f64,
+}
+
+impl Bench {
+    fn remote(&self, pkgs: &[&str], runs: usize, cold_runs: usize) -> Result<RemoteFigures> {
+        let mut redis = remote::Redis::start(&self.work)?;
+        let flags = redis.flags();
+        let prog = |state: &Path| format!("{} {flags}", self.gocacheprog(state));
+        let seed = self.work.join("remote-seed-state");
+        let cold_uploading = self.go_build(pkgs, &self.work.join("remote-seed-gocache"), Some(&prog(&seed)))?;
+
+        // Another machine: its own state directory, emptied of objects and
+        // entries before every run (the compiled plugin is kept, as a CI cache
+        // of the state directory would keep it), and a GOCACHE holding no outputs.
+        let builtin = self.builtin_warm_cache("std", pkgs)?;
+        let state = self.work.join("remote-state");
+        let gocache = self.work.join("remote-gocache");
+        let stats = self.work.join("remote-stats.json");
+        let prog_b = format!("{} --stats-json {}", prog(&state), stats.display());
+        let (mut g, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            for dir in ["objects", "entries"] {
+                let _ = fs::remove_dir_all(state.join(dir));
+            }
+            g.push(self.go_build(pkgs, &gocache, Some(&prog_b))?.as_secs_f64());
+            let figures = fs::read_to_string(&stats)?;
+            ensure!(
+                figures.contains("\"misses\": 0") && !figures.contains("\"hits_fetched\": 0"),
+                "a warm build from the remote had misses, or fetched nothing: {figures}"
+            );
+            b.push(self.go_build(pkgs, &builtin, None)?.as_secs_f64());
+        }
+        let warm_from_remote = (median(&mut g), median(&mut b));
+
+        redis.stop();
+        let (mut g, mut b) = (Vec::new(), Vec::new());
+        for i in 0..cold_runs {
+            let state = self.work.join(format!("remote-down-state-{i}"));
+            let gocache = self.work.join(format!("remote-down-gocache-{i}"));
+            let builtin = self.work.join(format!("remote-down-builtin-{i}"));
+            g.push(self.go_build(pkgs, &gocache, Some(&prog(&state)))?.as_secs_f64());
+            b.push(self.go_build(pkgs, &builtin, None)?.as_secs_f64());
+            for d in [state, gocache, builtin] {
+                let _ = fs::remove_dir_all(d);
+            }
+        }
+        Ok(RemoteFigures {
+            warm_from_remote,
+            cold_remote_down: (median(&mut g), median(&mut b)),
+            cold_uploading: cold_uploading.as_secs_f64(),
+        })
     }
 }
 
@@ -479,6 +549,31 @@ fn main() -> Result<()> {
             builtin: "-".into(),
             value: peak,
             bar: Bar::AtMost { bar: 256.0, goal: 64.0 },
+        });
+    }
+
+    if wanted(Part::Remote) {
+        eprintln!("remote cache (redis on loopback)...");
+        let r = bench.remote(std_pkgs, runs, cold_runs)?;
+        let pkgs = std_pkgs.join(" ");
+        rows.push(ratio_row(
+            &format!("warm go build {pkgs} from the remote, empty local store, gocp+redis / builtin warm"),
+            r.warm_from_remote,
+            2.0,
+            1.3,
+        ));
+        rows.push(ratio_row(
+            &format!("cold go build {pkgs}, remote down, gocp+redis / builtin"),
+            r.cold_remote_down,
+            1.25,
+            1.10,
+        ));
+        rows.push(Row {
+            figure: format!("cold go build {pkgs} uploading to redis, one run (context)"),
+            gocp: format!("{:.3} s", r.cold_uploading),
+            builtin: "-".into(),
+            value: r.cold_uploading,
+            bar: Bar::None,
         });
     }
 

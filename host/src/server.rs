@@ -340,15 +340,19 @@ fn get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) ->
     let Some(response) = response else { return false };
     if !claimed.swap(true, Ordering::SeqCst) {
         match response {
-            Some(r) => shared.respond(r),
+            Some((r, entry)) => {
+                shared.respond(r);
+                // After the answer: the go command needs only the body on disk.
+                shared.record_locally(&action_id, &entry);
+            }
             None => shared.respond_miss(id),
         }
     }
     true
 }
 
-/// A hit's response, or `None` for a miss.
-fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest) -> Option<Response> {
+/// A hit's response and its entry, or `None` for a miss.
+fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest) -> Option<(Response, Entry)> {
     let entry = match instance.read_entry(action_id) {
         Ok(Some(entry)) if entry.size <= MAX_PLUGIN_BODY => entry,
         Ok(Some(entry)) => {
@@ -375,8 +379,7 @@ fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest)
         }
         None => return None,
     };
-    shared.record_locally(action_id, &entry);
-    Some(hit(shared, id, &entry, path))
+    Some((hit(shared, id, &entry, path), entry))
 }
 
 fn hit(shared: &Shared, id: i64, entry: &Entry, path: PathBuf) -> Response {
@@ -457,9 +460,9 @@ fn put(
         }
     };
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
-    shared.record_locally(&action_id, &entry);
     let body = shared.stores_bodies.then(|| path.clone());
     shared.respond(Response { id, disk_path: Some(path_string(path)), ..Default::default() });
+    shared.record_locally(&action_id, &entry);
 
     // Not `allows`: a probe is let through when the put is recorded.
     if shared.breaker.paused() {
