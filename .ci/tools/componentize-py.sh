@@ -13,8 +13,13 @@ if [ -x "$BIN" ] && "$BIN" --version 2>/dev/null | grep -q "$VERSION"; then
 fi
 command -v python3 >/dev/null || { echo "componentize-py.sh: python3 is missing (apt-get install python3 python3-venv)" >&2; exit 1; }
 rm -rf "$VENV"
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$VERSION"
+# Quiet on success; everything on failure.
+if ! log=$(python3 -m venv "$VENV" 2>&1 &&
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$VERSION" 2>&1); then
+  printf '%s\n' "$log" >&2
+  echo "componentize-py.sh: installing componentize-py $VERSION from PyPI failed" >&2
+  exit 1
+fi
 mkdir -p "$TOOLS/bin"
 # A wrapper rather than a symlink, so the venv's interpreter is always the one used.
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$VENV/bin/componentize-py" >"$BIN"

@@ -18,9 +18,15 @@ mkdir -p "$DIR" "$TOOLS/bin"
 # Exact versions: jco brings its own componentize-js (^0.22) for `jco
 # componentize`; the example is built with componentize-js's own CLI at
 # the pinned version instead.
-(cd "$DIR" && npm init -y >/dev/null &&
-  npm install --silent --no-audit --no-fund --save-exact \
-    "@bytecodealliance/jco@$JCO_VERSION" "@bytecodealliance/componentize-js@$CJS_VERSION" >/dev/null)
+# Quiet on success (npm warns about user configuration it does not know);
+# everything on failure.
+if ! log=$(cd "$DIR" && npm init -y 2>&1 &&
+  npm install --no-audit --no-fund --save-exact \
+    "@bytecodealliance/jco@$JCO_VERSION" "@bytecodealliance/componentize-js@$CJS_VERSION" 2>&1); then
+  printf '%s\n' "$log" >&2
+  echo "jco.sh: installing jco $JCO_VERSION and componentize-js $CJS_VERSION from npm failed" >&2
+  exit 1
+fi
 for tool in jco componentize-js; do
   printf '#!/bin/sh\nexec "%s" "$@"\n' "$DIR/node_modules/.bin/$tool" >"$TOOLS/bin/$tool"
   chmod +x "$TOOLS/bin/$tool"
