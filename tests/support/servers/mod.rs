@@ -3,4 +3,5 @@
 //! The binaries come from `.ci/tools/*.sh` (found with `support::tool`).
 pub mod nginx;
 pub mod redis;
+pub mod s3;
 pub mod wsgidav;

@@ -1,0 +1,117 @@
+//! versitygw, an S3 gateway run in production, serving a temporary directory
+//! on 127.0.0.1 for the s3 plugin's tests (installed by
+//! `.ci/tools/versitygw.sh`). Its posix backend makes a bucket a directory and
+//! an object a file, so a test creates buckets with mkdir and can see what was
+//! stored. The process is killed when the value is dropped; it must never be
+//! shared between tests.
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::remote::{Backend, RemoteServer};
+use crate::support::{free_port, tool};
+
+pub const ACCESS_KEY: &str = "gocp-test-key";
+pub const SECRET_KEY: &str = "gocp-test-secret-9f8e7d6c";
+pub const BUCKET: &str = "gocp-cache";
+
+pub struct Versitygw {
+    child: Option<Child>,
+    port: u16,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Versitygw {
+    /// Starts the gateway with one bucket, [`BUCKET`], and waits until it accepts connections.
+    pub fn start() -> Versitygw {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let log = fs::File::create(dir.path().join("versitygw.log")).unwrap();
+        let port = free_port();
+        let child = Command::new(tool("versitygw"))
+            .args(["--access", ACCESS_KEY, "--secret", SECRET_KEY, "--port", &format!("127.0.0.1:{port}"), "--quiet"])
+            .arg("posix")
+            .arg(&root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting versitygw");
+        let mut server = Versitygw { child: Some(child), port, root, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("versitygw exited with {status}: {}", server.log());
+            }
+            assert!(Instant::now() < deadline, "versitygw did not listen on {port} within 30 s: {}", server.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// The directory that holds the bucket's objects.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.join(BUCKET)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// gocp-host's flags for this server, with `extra` config pairs
+    /// (`key=value`) and the given secret.
+    pub fn backend_with(&self, extra: &[&str], secret: &str) -> Backend {
+        let mut args: Vec<String> = vec!["--plugin".into(), "s3".into()];
+        let config = [format!("bucket={BUCKET}"), format!("endpoint={}", self.endpoint())];
+        for pair in config.iter().map(String::as_str).chain(extra.iter().copied()) {
+            args.extend(["--config".into(), pair.to_string()]);
+        }
+        args.extend(["--allow-net".into(), format!("127.0.0.1:{}", self.port)]);
+        for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            args.extend(["--allow-env".into(), var.into()]);
+        }
+        let env =
+            vec![("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()), ("AWS_SECRET_ACCESS_KEY".into(), secret.into())];
+        Backend { args, env }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self._dir.path().join("versitygw.log")).unwrap_or_default()
+    }
+}
+
+impl RemoteServer for Versitygw {
+    fn backend(&self) -> Backend {
+        self.backend_with(&[], SECRET_KEY)
+    }
+
+    fn backend_with_bad_credentials(&self) -> Backend {
+        self.backend_with(&[], "not-the-secret")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Versitygw {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Every object file below `dir`, skipping the gateway's own temporary files.
+pub fn objects_under(dir: &Path) -> Vec<PathBuf> {
+    crate::support::files_under(dir)
+        .into_iter()
+        .filter(|p| !p.components().any(|c| c.as_os_str() == ".sgwtmp"))
+        .collect()
+}
