@@ -10,6 +10,7 @@ mod support;
 
 use std::fs;
 use std::io::Read;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -187,4 +188,25 @@ fn a_body_much_larger_than_the_plugins_memory_goes_up_and_comes_back() {
         hasher.update(&buf[..n]);
     }
     assert_eq!(<[u8; 32]>::from(hasher.finalize()), output, "machine B got the same bytes back");
+}
+
+#[test]
+fn a_hung_server_costs_a_build_seconds_and_one_line() {
+    let server = Nginx::start();
+    let mut backend = server.backend();
+    backend.args.extend(["--config".to_string(), "timeout=1s".to_string()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let machine = remote::Machine::new(tmp.path());
+    let src = tmp.path().join("src");
+    write_module(&src);
+
+    server.freeze();
+    let started = Instant::now();
+    let out = machine.run(&backend, &src, &["build", "./..."]);
+    let took = started.elapsed();
+    server.thaw();
+    let lines = remote::gocp_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
+    assert!(lines[0].contains("timed out"), "the line says the server did not answer: {}", lines[0]);
+    assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
 }

@@ -101,6 +101,23 @@ http {{
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted by the
+    /// kernel, but nothing answers, as with a hung server.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undoes [`Nginx::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("nginx is running").id().to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().expect("running kill");
+        assert!(status.success(), "kill {sig} {pid} failed");
+    }
+
     /// The directory nginx serves: what the cache holds, as files.
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
