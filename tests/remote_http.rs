@@ -210,3 +210,60 @@ fn a_hung_server_costs_a_build_seconds_and_one_line() {
     assert!(lines[0].contains("timed out"), "the line says the server did not answer: {}", lines[0]);
     assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
 }
+
+/// Runs gocp-host with the http plugin expecting a start-up failure; returns its stderr.
+fn fails_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["--dir", dir.path().to_str().unwrap(), "--plugin", "http"]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn configuration_mistakes_are_named_before_anything_is_served() {
+    let e = fails_to_start(&[], &[]);
+    assert!(e.contains("url is required"), "{e}");
+    let e = fails_to_start(&["--config", "url=ftp://127.0.0.1:1/x"], &[]);
+    assert!(e.contains("expected http or https"), "{e}");
+    let e = fails_to_start(&["--config", "url=http://me:pw@127.0.0.1:1/x"], &[]);
+    assert!(e.contains("basic-env") && !e.contains("pw"), "the password is never echoed: {e}");
+    // A variable that is set but not granted is absent inside the plugin.
+    let e = fails_to_start(&["--config", "url=http://127.0.0.1:1/x", "--config", "token-env=T"], &[("T", "secret")]);
+    assert!(e.contains("set T and grant it with --allow-env T"), "{e}");
+    let e = fails_to_start(
+        &["--config", "url=http://127.0.0.1:1/x", "--config", "basic-env=B", "--allow-env", "B"],
+        &[("B", "no-colon")],
+    );
+    assert!(e.contains("user:password"), "{e}");
+    let e = fails_to_start(&["--config", "url=http://127.0.0.1:1/x", "--config", "timeout=soon"], &[]);
+    assert!(e.contains("timeout=soon"), "{e}");
+}
+
+#[test]
+fn starting_never_contacts_the_server() {
+    // Nothing listens on this port: start-up still succeeds, and the first
+    // call is where an unreachable server shows.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("url=http://127.0.0.1:{port}/gocp");
+    let grant = format!("127.0.0.1:{port}");
+    let (s, caps) = Session::start(&[
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--plugin",
+        "http",
+        "--config",
+        &url,
+        "--allow-net",
+        &grant,
+    ]);
+    assert!(caps["KnownCommands"].is_array(), "{caps}");
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && !stderr.contains("gocp"), "{stderr}");
+}
