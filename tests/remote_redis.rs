@@ -2,7 +2,7 @@
 //! scenarios every remote plugin must pass (tests/support/remote.rs), and what
 //! is particular to this one: an ACL user confined to a prefix, upload dedup
 //! seen from the server, a body larger than the plugin's memory streamed both
-//! ways, `max-body`, and `ttl`.
+//! ways, `max-body`, `ttl`, and a server restart under a running go command.
 
 mod support;
 
@@ -180,4 +180,27 @@ fn ttl_expires_entries_and_bodies_and_hits_refresh_them() {
         let ttl: u64 = server.cli(&["TTL", key]).parse().unwrap();
         assert!(ttl > 3500, "a hit gave {key} another hour: {ttl}");
     }
+}
+
+#[test]
+fn a_restarted_server_is_reconnected_without_an_error() {
+    let mut server = Redis::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    // One instance, so the call after the restart meets the broken connection.
+    let mut s =
+        session(&tmp.path().join("a"), &backend, &["--instances", "1", "--stats-json", stats.to_str().unwrap()]);
+    s.send_get(1, &[1; 32]);
+    assert_eq!(s.recv()["Miss"], json!(true));
+    server.restart();
+    s.send_put(2, &[2; 32], b"after the restart");
+    assert!(s.recv().get("DiskPath").is_some());
+    s.send_close(3);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+    let stats: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(stats["plugin_errors"], json!(0), "{stats}");
+    assert_eq!(server.keys("gocp/ac/*"), vec![format!("gocp/ac/{}", hex::encode([2u8; 32]))]);
 }

@@ -34,7 +34,22 @@ impl Redis {
     pub fn start() -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new(tool("redis-server"))
+        let child = Redis::spawn(&dir, port);
+        let mut server = Redis { child: Some(child), dir, port };
+        server.wait_ready();
+        server
+    }
+
+    /// Kills the server and starts a new, empty one on the same port, as a
+    /// restart without persistence does: every client's connection breaks.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Some(Redis::spawn(&self.dir, self.port));
+        self.wait_ready();
+    }
+
+    fn spawn(dir: &tempfile::TempDir, port: u16) -> Child {
+        Command::new(tool("redis-server"))
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--requirepass", PASSWORD, "--daemonize", "no", "--protected-mode", "yes"])
             .arg("--dir")
@@ -47,10 +62,7 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("starting redis-server");
-        let mut server = Redis { child: Some(child), dir, port };
-        server.wait_ready();
-        server
+            .expect("starting redis-server")
     }
 
     fn wait_ready(&mut self) {
