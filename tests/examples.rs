@@ -175,3 +175,31 @@ fn python_example_builds_passes_plugin_test_and_serves_a_warm_go_build() {
 fn javascript_example_builds_passes_plugin_test_and_serves_a_warm_go_build() {
     example_end_to_end("js-dir", "componentize-js");
 }
+
+#[test]
+fn a_copy_made_by_new_plugin_builds_outside_the_repository_and_passes_plugin_test() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let copy = tmp.path().join("blob-store");
+    let mut new = Command::new("bash");
+    new.arg(root.join("examples/new-plugin.sh")).arg("python").arg(&copy);
+    let made = run_bounded(new, BUILD_TIMEOUT, "examples/new-plugin.sh");
+    assert!(made.success, "{}{}", made.stdout, made.stderr);
+    assert!(made.stdout.contains("build.sh"), "it says what to do next: {}", made.stdout);
+
+    // What the newcomer runs next, with no path back into this repository.
+    let tool_path = tool("componentize-py");
+    let mut build = Command::new(copy.join("build.sh"));
+    build.env("GOCP_TEST_TOOLS", tools_dir()).env("PATH", prepend_path(tool_path.parent().unwrap()));
+    let built = run_bounded(build, BUILD_TIMEOUT, "build.sh of the copy");
+    assert!(built.success, "{}{}", built.stdout, built.stderr);
+    let wasm = copy.join("build").join("blob-store.wasm");
+    assert!(wasm.is_file(), "{} was not built", wasm.display());
+
+    let mut check = Command::new(BIN);
+    check.arg("plugin-test").arg(&wasm).arg("--dir").arg(tmp.path().join("state"));
+    let checked = run_bounded(check, GO_TIMEOUT, "gocp-host plugin-test");
+    assert!(checked.success, "{}{}", checked.stdout, checked.stderr);
+    assert!(checked.stdout.contains("conformance of blob-store 0.1.0"), "renamed: {}", checked.stdout);
+    assert!(checked.stdout.contains(" 0 failed"), "{}", checked.stdout);
+}
