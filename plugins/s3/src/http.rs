@@ -81,24 +81,29 @@ pub fn send(method: Method, url: &Url, body: Body, timeout: Duration, what: &str
 
     let out_body = request.body().map_err(|()| Error::Broken(format!("{what}: request body taken twice")))?;
     let pending = outgoing_handler::handle(request, Some(options))
-        .map_err(|e| Error::Unavailable(format!("{what}: {}", describe(&e, url))))?;
+        .map_err(|e| Error::Unavailable(format!("{what}: {}", describe(&e, url, timeout))))?;
     let upload = match body {
         Body::Empty => Ok(()),
         Body::Bytes(bytes) => upload(&out_body, |sink| write_bounded(sink, bytes, timeout)),
         Body::Stream { from, .. } => upload(&out_body, |sink| copy_from_host(from, sink, timeout)),
     };
     let upload = upload.and_then(|()| {
-        OutgoingBody::finish(out_body, None).map_err(|e| format!("finishing the upload: {}", describe(&e, url)))
+        OutgoingBody::finish(out_body, None)
+            .map_err(|e| format!("finishing the upload: {}", describe(&e, url, timeout)))
     });
 
     pending.subscribe().block();
     let response = match pending.get() {
         Some(Ok(Ok(response))) => response,
         // A server that answers before reading the whole upload (a refusal)
-        // still gives a response above; only without one is the upload the story.
+        // still gives a response above. Without one, the request's own error
+        // is the cause and a failed upload its consequence.
         Some(Ok(Err(e))) => {
-            let cause = upload.err().unwrap_or_else(|| describe(&e, url));
-            return Err(Error::Unavailable(format!("{what}: {cause}")));
+            let cause = describe(&e, url, timeout);
+            return Err(Error::Unavailable(match upload {
+                Ok(()) => format!("{what}: {cause}"),
+                Err(upload) => format!("{what}: {cause} ({upload})"),
+            }));
         }
         Some(Err(())) | None => return Err(Error::Broken(format!("{what}: wasi:http response read twice"))),
     };
@@ -205,7 +210,7 @@ fn humanize(d: Duration) -> String {
 }
 
 /// A transport error in words a user can act on.
-fn describe(e: &ErrorCode, url: &Url) -> String {
+fn describe(e: &ErrorCode, url: &Url, timeout: Duration) -> String {
     let authority = &url[Position::BeforeHost..Position::AfterPort];
     match e {
         ErrorCode::HttpRequestDenied => {
@@ -215,8 +220,12 @@ fn describe(e: &ErrorCode, url: &Url) -> String {
         }
         ErrorCode::ConnectionRefused => "connection refused".into(),
         ErrorCode::ConnectionTerminated => "the connection was closed by the server".into(),
-        ErrorCode::ConnectionTimeout => "connecting timed out".into(),
-        ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => "the server did not answer in time".into(),
+        ErrorCode::ConnectionTimeout => {
+            format!("could not connect within {} (see --config timeout=)", humanize(timeout))
+        }
+        ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => {
+            format!("the server did not answer within {} (see --config timeout=)", humanize(timeout))
+        }
         ErrorCode::ConnectionWriteTimeout => "sending to the server timed out".into(),
         ErrorCode::DnsTimeout | ErrorCode::DnsError(_) | ErrorCode::DestinationNotFound => {
             format!("cannot resolve {authority}: {e:?}")
