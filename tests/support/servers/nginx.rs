@@ -7,11 +7,10 @@
 //! anything outside its temporary directory or listen anywhere but 127.0.0.1.
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use super::{Process, http_backend};
 use crate::support::remote::{Backend, RemoteServer};
 use crate::support::{free_port, tool};
 
@@ -21,7 +20,7 @@ const PASSWORD: &str = "correct-horse";
 pub const CREDENTIALS_VAR: &str = "GOCP_TEST_HTTP_BASIC";
 
 pub struct Nginx {
-    child: Option<Child>,
+    process: Process,
     dir: tempfile::TempDir,
     pub port: u16,
 }
@@ -69,53 +68,21 @@ http {{
 "
         );
         fs::write(root.join("nginx.conf"), conf).unwrap();
-        let child = Command::new(tool("nginx"))
-            .arg("-p")
-            .arg(root)
-            .arg("-c")
-            .arg(root.join("nginx.conf"))
-            .arg("-e")
-            .arg(root.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nginx");
-        let mut server = Nginx { child: Some(child), dir, port };
-        server.wait_listening();
-        server
-    }
-
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
-            if exited.is_some() || Instant::now() > deadline {
-                let log = fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default();
-                panic!("nginx did not start on 127.0.0.1:{} ({exited:?}):\n{log}", self.port);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut command = Command::new(tool("nginx"));
+        command.arg("-p").arg(root).arg("-c").arg(root.join("nginx.conf")).arg("-e").arg(root.join("error.log"));
+        let process = Process::start("nginx", command, port, &root.join("server.log"));
+        Nginx { process, dir, port }
     }
 
     /// Freezes the server (SIGSTOP): connections are still accepted by the
     /// kernel, but nothing answers, as with a hung server.
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        self.process.signal("-STOP");
     }
 
     /// Undoes [`Nginx::freeze`].
     pub fn thaw(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("nginx is running").id().to_string();
-        let status = Command::new("kill").args([sig, &pid]).status().expect("running kill");
-        assert!(status.success(), "kill {sig} {pid} failed");
+        self.process.signal("-CONT");
     }
 
     /// The directory nginx serves: what the cache holds, as files.
@@ -130,22 +97,7 @@ http {{
 
     /// The plugin's flags for a namespace (`/gocp` in the scenarios) and a password.
     pub fn backend_at(&self, namespace: &str, password: &str) -> Backend {
-        let port = self.port;
-        Backend {
-            args: vec![
-                "--plugin".into(),
-                "http".into(),
-                "--config".into(),
-                format!("url=http://127.0.0.1:{port}{namespace}"),
-                "--config".into(),
-                format!("basic-env={CREDENTIALS_VAR}"),
-                "--allow-env".into(),
-                CREDENTIALS_VAR.into(),
-                "--allow-net".into(),
-                format!("127.0.0.1:{port}"),
-            ],
-            env: vec![(CREDENTIALS_VAR.into(), format!("{USER}:{password}"))],
-        }
+        http_backend(self.port, namespace, CREDENTIALS_VAR, &format!("{USER}:{password}"), &[])
     }
 }
 
@@ -159,15 +111,6 @@ impl RemoteServer for Nginx {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }

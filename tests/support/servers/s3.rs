@@ -6,11 +6,10 @@
 //! shared between tests.
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use super::Process;
 use crate::support::remote::{Backend, RemoteServer};
 use crate::support::{free_port, tool};
 
@@ -19,7 +18,7 @@ pub const SECRET_KEY: &str = "gocp-test-secret-9f8e7d6c";
 pub const BUCKET: &str = "gocp-cache";
 
 pub struct Versitygw {
-    child: Option<Child>,
+    process: Process,
     port: u16,
     root: PathBuf,
     _dir: tempfile::TempDir,
@@ -31,27 +30,14 @@ impl Versitygw {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         fs::create_dir_all(root.join(BUCKET)).unwrap();
-        let log = fs::File::create(dir.path().join("versitygw.log")).unwrap();
         let port = free_port();
-        let child = Command::new(tool("versitygw"))
+        let mut command = Command::new(tool("versitygw"));
+        command
             .args(["--access", ACCESS_KEY, "--secret", SECRET_KEY, "--port", &format!("127.0.0.1:{port}"), "--quiet"])
             .arg("posix")
-            .arg(&root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting versitygw");
-        let mut server = Versitygw { child: Some(child), port, root, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("versitygw exited with {status}: {}", server.log());
-            }
-            assert!(Instant::now() < deadline, "versitygw did not listen on {port} within 30 s: {}", server.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+            .arg(&root);
+        let process = Process::start("versitygw", command, port, &dir.path().join("versitygw.log"));
+        Versitygw { process, port, root, _dir: dir }
     }
 
     /// The directory that holds the bucket's objects.
@@ -79,10 +65,6 @@ impl Versitygw {
             vec![("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()), ("AWS_SECRET_ACCESS_KEY".into(), secret.into())];
         Backend { args, env }
     }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self._dir.path().join("versitygw.log")).unwrap_or_default()
-    }
 }
 
 impl RemoteServer for Versitygw {
@@ -95,16 +77,7 @@ impl RemoteServer for Versitygw {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Versitygw {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 

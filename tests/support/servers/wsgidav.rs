@@ -7,11 +7,10 @@
 //! anything outside its temporary directory or listen anywhere but 127.0.0.1.
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use super::{Process, http_backend};
 use crate::support::remote::{Backend, RemoteServer};
 use crate::support::{free_port, tool};
 
@@ -21,7 +20,7 @@ const PASSWORD: &str = "correct-horse";
 pub const CREDENTIALS_VAR: &str = "GOCP_TEST_WEBDAV_BASIC";
 
 pub struct WsgiDav {
-    child: Option<Child>,
+    process: Process,
     dir: tempfile::TempDir,
     pub port: u16,
 }
@@ -58,33 +57,10 @@ property_manager: null
 "
         );
         fs::write(root.join("wsgidav.yaml"), conf).unwrap();
-        let log = fs::File::create(root.join("server.log")).unwrap();
-        let child = Command::new(tool("wsgidav"))
-            .arg("--config")
-            .arg(root.join("wsgidav.yaml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting wsgidav");
-        let mut server = WsgiDav { child: Some(child), dir, port };
-        server.wait_listening();
-        server
-    }
-
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
-            if exited.is_some() || Instant::now() > deadline {
-                let log = fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-                panic!("wsgidav did not start on 127.0.0.1:{} ({exited:?}):\n{log}", self.port);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut command = Command::new(tool("wsgidav"));
+        command.arg("--config").arg(root.join("wsgidav.yaml"));
+        let process = Process::start("wsgidav", command, port, &root.join("server.log"));
+        WsgiDav { process, dir, port }
     }
 
     /// The directory WsgiDAV serves: what the cache holds, as files.
@@ -94,24 +70,7 @@ property_manager: null
 
     /// The plugin's flags for a namespace (`/gocp` in the scenarios) and a password.
     pub fn backend_at(&self, namespace: &str, password: &str) -> Backend {
-        let port = self.port;
-        Backend {
-            args: vec![
-                "--plugin".into(),
-                "http".into(),
-                "--config".into(),
-                format!("url=http://127.0.0.1:{port}{namespace}"),
-                "--config".into(),
-                "mkcol=true".into(),
-                "--config".into(),
-                format!("basic-env={CREDENTIALS_VAR}"),
-                "--allow-env".into(),
-                CREDENTIALS_VAR.into(),
-                "--allow-net".into(),
-                format!("127.0.0.1:{port}"),
-            ],
-            env: vec![(CREDENTIALS_VAR.into(), format!("{USER}:{password}"))],
-        }
+        http_backend(self.port, namespace, CREDENTIALS_VAR, &format!("{USER}:{password}"), &["mkcol=true"])
     }
 }
 
@@ -125,15 +84,6 @@ impl RemoteServer for WsgiDav {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for WsgiDav {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
