@@ -146,8 +146,26 @@ impl Bench {
         Ok(took)
     }
 
-    /// Warm builds, alternating between the caches; returns (gocp, builtin) medians.
-    fn warm(&self, name: &str, pkgs: &[&str], runs: usize) -> Result<(f64, f64)> {
+    /// Builds `bench/floor` (a minimal GOCACHEPROG helper in Go) into the work directory.
+    fn floor_helper(&self) -> Result<PathBuf> {
+        let out = self.work.join("floor-helper");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("floor");
+        let status = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(&src)
+            .env("GOFLAGS", "")
+            .env("GOTOOLCHAIN", "local")
+            .status()
+            .context("building bench/floor")?;
+        ensure!(status.success(), "building bench/floor failed");
+        Ok(out)
+    }
+
+    /// Warm builds, alternating between gocp, the builtin cache and the
+    /// floor helper on gocp's state; returns the three medians.
+    fn warm(&self, name: &str, pkgs: &[&str], runs: usize, floor: &Path) -> Result<Warm> {
         let builtin = self.builtin_warm_cache(name, pkgs)?;
         let state = self.work.join(format!("{name}-gocp-state"));
         let prog = self.gocacheprog(&state);
@@ -158,14 +176,23 @@ impl Bench {
         // as a developer's machine would.
         let gocp_gocache = self.work.join(format!("{name}-gocp-gocache"));
         self.go_build(pkgs, &gocp_gocache, Some(&prog))?;
-        let (mut g, mut b) = (Vec::new(), Vec::new());
+        let floor_gocache = self.work.join(format!("{name}-floor-gocache"));
+        let floor_prog = format!("{} {}", floor.display(), state.display());
+        self.go_build(pkgs, &floor_gocache, Some(&floor_prog))?;
+        let (mut g, mut b, mut f) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             g.push(self.go_build(pkgs, &gocp_gocache, Some(&prog))?.as_secs_f64());
             b.push(self.go_build(pkgs, &builtin, None)?.as_secs_f64());
+            f.push(self.go_build(pkgs, &floor_gocache, Some(&floor_prog))?.as_secs_f64());
         }
-        let kept = walk_files(&gocp_gocache).into_iter().filter(|p| !p.ends_with("README")).count();
-        ensure!(kept == 0, "the go command kept {kept} files in its own GOCACHE beside gocp: hits were not all gocp's");
-        Ok((median(&mut g), median(&mut b)))
+        for gocache in [&gocp_gocache, &floor_gocache] {
+            let kept = walk_files(gocache).into_iter().filter(|p| !p.ends_with("README")).count();
+            ensure!(
+                kept == 0,
+                "the go command kept {kept} files in its own GOCACHE beside a helper: not all hits were the helper's"
+            );
+        }
+        Ok(Warm { gocp: median(&mut g), builtin: median(&mut b), floor: median(&mut f) })
     }
 
     /// Cold builds from empty caches, alternating; returns (gocp, builtin)
@@ -188,6 +215,14 @@ impl Bench {
         }
         Ok(((median(&mut g), median(&mut b)), sizes))
     }
+}
+
+/// Medians of warm builds, in seconds.
+struct Warm {
+    gocp: f64,
+    builtin: f64,
+    /// The minimal GOCACHEPROG helper (`bench/floor`) on gocp's state.
+    floor: f64,
 }
 
 /// What the remote part measured: seconds, as (gocp, builtin) medians.
@@ -488,10 +523,26 @@ fn main() -> Result<()> {
 
     if wanted(Part::Warm) {
         eprintln!("warm builds ({runs} alternating runs each)...");
-        let std_warm = bench.warm("std", std_pkgs, runs)?;
-        rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", std_pkgs.join(" ")), std_warm, 1.10, 1.05));
-        let module_warm = bench.warm("module", module, runs)?;
-        rows.push(ratio_row(&format!("warm go build {}, gocp / builtin", module.join(" ")), module_warm, 1.10, 1.05));
+        let floor = bench.floor_helper()?;
+        for (name, pkgs) in [("std", std_pkgs), ("module", module)] {
+            let w = bench.warm(name, pkgs, runs, &floor)?;
+            let pkgs = pkgs.join(" ");
+            rows.push(ratio_row(&format!("warm go build {pkgs}, gocp / builtin"), (w.gocp, w.builtin), 1.10, 1.05));
+            rows.push(Row {
+                figure: format!("warm go build {pkgs}, minimal GOCACHEPROG helper (bench/floor) / builtin (context)"),
+                gocp: format!("{:.3} s", w.floor),
+                builtin: format!("{:.3} s", w.builtin),
+                value: w.floor / w.builtin,
+                bar: Bar::None,
+            });
+            rows.push(Row {
+                figure: format!("warm go build {pkgs}, gocp / minimal helper (context)"),
+                gocp: format!("{:.3} s", w.gocp),
+                builtin: format!("{:.3} s", w.floor),
+                value: w.gocp / w.floor,
+                bar: Bar::None,
+            });
+        }
     }
 
     if wanted(Part::Cold) {

@@ -1,0 +1,3 @@
+module gocp.local/bench/floor
+
+go 1.24
