@@ -34,6 +34,8 @@ const DEFAULT_MAX_BODY: u64 = 512 << 20;
 const DEFAULT_PORT: u16 = 6379;
 /// Longer than any entry line (`v1`, 64 hex digits, two numbers).
 const MAX_ENTRY_LINE: u64 = 256;
+/// What a body download was doing when it failed before any byte reached the host.
+const ASKING_FOR_BODY: &str = "asking for a body";
 /// How much of a body moves per read or write.
 const CHUNK: usize = 1 << 20;
 
@@ -242,8 +244,8 @@ impl Redis {
         let ttl = self.settings.ttl.unwrap_or(0).to_string();
         let command = resp::encode(&self.get_command(key, ttl.as_bytes()));
         let conn = self.connection()?;
-        conn.get_mut().write_all(&command).map_err(Failure::io("asking for a body"))?;
-        let len = match resp::read_head(conn).map_err(|e| Failure::read("reading a body", e))? {
+        conn.get_mut().write_all(&command).map_err(Failure::io(ASKING_FOR_BODY))?;
+        let len = match resp::read_head(conn).map_err(|e| Failure::read(ASKING_FOR_BODY, e))? {
             Head::Bulk(len) => len,
             Head::Nil => return Ok(Err(Error::NotFound)),
             Head::Error(e) => return Err(Failure::Refused(e)),
@@ -494,7 +496,16 @@ impl Backend for Redis {
 
     fn read_body(&mut self, output_id: &Digest, size: u64, sink: &OutputStream) -> Result<(), Error> {
         let key = self.key("cas", output_id);
-        let result = self.download(&key, size, sink);
+        let reused = self.conn.is_some();
+        let result = match self.download(&key, size, sink) {
+            // Nothing reached the sink yet: as in `call`, a connection the
+            // server closed meanwhile gets one retry on a new one.
+            Err(Failure::Io { doing: ASKING_FOR_BODY, error }) if reused && !is_timeout(&error) => {
+                self.conn = None;
+                self.download(&key, size, sink)
+            }
+            other => other,
+        };
         self.outcome(result)?
     }
 
