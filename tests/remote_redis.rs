@@ -2,16 +2,37 @@
 //! scenarios every remote plugin must pass (tests/support/remote.rs), and what
 //! is particular to this one: an ACL user confined to a prefix, upload dedup
 //! seen from the server, a body larger than the plugin's memory streamed both
-//! ways, `max-body`, `ttl`, and a server restart under a running go command.
+//! ways, `max-body`, `ttl`, a server restart under a running go command, a
+//! hung server, and configuration mistakes named at start.
 
 mod support;
 
 use std::fs;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::remote::{self, Backend, Machine, RemoteServer, gocp_lines};
 use support::servers::redis::{ACL_PASSWORD, ACL_PREFIX, ACL_USER, Redis};
 use support::*;
+
+/// The plugin's own unit tests (RESP framing, url and config parsing): the
+/// plugin lives in the plugins workspace, so `cargo test` at the root reaches
+/// them here, natively, as tests/plugin_sdk.rs does for the SDK.
+#[test]
+fn plugin_unit_tests_pass() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--lib", "-p", "gocp-plugin-redis"])
+        .current_dir(root.join("plugins"))
+        .env("CARGO_TARGET_DIR", root.join("target").join("plugins-native"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("running cargo test for the redis plugin");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("test result: ok"), "{stdout}");
+}
 
 #[test]
 fn two_machines_share_the_cache() {
@@ -203,4 +224,69 @@ fn a_restarted_server_is_reconnected_without_an_error() {
     let stats: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
     assert_eq!(stats["plugin_errors"], json!(0), "{stats}");
     assert_eq!(server.keys("gocp/ac/*"), vec![format!("gocp/ac/{}", hex::encode([2u8; 32]))]);
+}
+
+#[test]
+fn a_hung_server_costs_a_build_seconds_and_one_line() {
+    let server = Redis::start();
+    let mut backend = server.backend();
+    backend.args.extend(["--config".into(), "timeout=1s".into()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let machine = Machine::new(tmp.path());
+    let src = tmp.path().join("src");
+    write_module(&src);
+
+    // Stopped, the server still accepts connections (the kernel does) but never answers.
+    server.process.signal("-STOP");
+    let started = Instant::now();
+    let out = machine.run(&backend, &src, &["build", "./..."]);
+    let took = started.elapsed();
+    server.process.signal("-CONT");
+    let lines = gocp_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
+    assert!(lines[0].contains("no answer within 1s"), "the line says the server did not answer: {}", lines[0]);
+    assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
+}
+
+/// Runs gocp-host with the redis plugin expecting a start-up failure; returns its stderr.
+fn fails_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["--dir", dir.path().to_str().unwrap(), "--plugin", "redis"]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn configuration_mistakes_are_named_before_anything_is_served() {
+    let e = fails_to_start(&[], &[]);
+    assert!(e.contains("url is required"), "{e}");
+    let e = fails_to_start(&["--config", "url=rediss://127.0.0.1:1"], &[]);
+    assert!(e.contains("TLS"), "{e}");
+    let e = fails_to_start(&["--config", "url=redis://:hunter2@127.0.0.1:1/x"], &[]);
+    assert!(e.contains("database") && !e.contains("hunter2"), "the password is never echoed: {e}");
+    // A variable that is set but not granted is absent inside the plugin.
+    let e = fails_to_start(&["--config", "url=redis://127.0.0.1:1", "--config", "password-env=P"], &[("P", "pw")]);
+    assert!(e.contains("set P and grant it with --allow-env P"), "{e}");
+    let e = fails_to_start(&["--config", "url=redis://127.0.0.1:1", "--config", "ttl=soon"], &[]);
+    assert!(e.contains("ttl=soon"), "{e}");
+    // Nothing listens on port 1: start-up never contacts the server.
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = Session::start(&[
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--plugin",
+        "redis",
+        "--config",
+        "url=redis://127.0.0.1:1",
+        "--allow-net",
+        "127.0.0.1:1",
+    ]);
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
 }

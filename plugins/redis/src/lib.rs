@@ -348,9 +348,14 @@ fn parse_url(
     url: &str,
     password_env: Option<String>,
 ) -> Result<(String, Option<String>, Option<String>, String, u32), Error> {
-    let invalid = |why: &str| Error::InvalidConfig(format!("url={url}: {why}"));
-    let parsed =
-        url::Url::parse(url).map_err(|e| invalid(&format!("{e}; expected redis://[user:password@]host:port[/db]")))?;
+    // Messages show the url with its password masked: they end up in build logs.
+    let parsed = url::Url::parse(url)
+        .map_err(|e| Error::InvalidConfig(format!("url: {e}; expected redis://[user:password@]host:port[/db]")))?;
+    let mut shown = parsed.clone();
+    if parsed.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    let invalid = |why: &str| Error::InvalidConfig(format!("url={shown}: {why}"));
     match parsed.scheme() {
         "redis" => {}
         "rediss" => return Err(invalid("TLS (rediss://) is not supported: use redis:// through a local TLS tunnel")),
@@ -555,9 +560,10 @@ mod tests {
             ("redis://h:1/x", "database"),
             ("redis://h:1/0?timeout=1", "query"),
             ("redis://ci@h:1", "a user without a password"),
+            ("redis://:s3cret@h:1/x", "url=redis://:***@h:1/x: database"),
         ] {
             match settings(url) {
-                Err(Error::InvalidConfig(m)) => assert!(m.contains(says), "{url}: {m}"),
+                Err(Error::InvalidConfig(m)) => assert!(m.contains(says) && !m.contains("s3cret"), "{url}: {m}"),
                 other => panic!("{url}: {other:?}"),
             }
         }

@@ -1,16 +1,15 @@
 //! A real Redis server for the redis plugin's tests: Debian's redis-server,
 //! started in the foreground as the test's child on 127.0.0.1 on a free port,
 //! with no persistence, a password for the default user and one ACL user, and
-//! killed when dropped.
+//! killed when dropped (its [`Process`]).
 //!
 //! The binaries come from `.ci/tools/redis.sh`. This file must never touch
 //! anything outside its temporary directory or listen anywhere but 127.0.0.1.
 
-use std::fs;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::Process;
 use crate::support::remote::{Backend, RemoteServer};
 use crate::support::{free_port, text, tool};
 
@@ -24,9 +23,9 @@ pub const ACL_PREFIX: &str = "team-ci/";
 pub const PASSWORD_VAR: &str = "GOCP_TEST_REDIS_PASSWORD";
 
 pub struct Redis {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+    pub process: Process,
     pub port: u16,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -34,61 +33,40 @@ impl Redis {
     pub fn start() -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Redis::spawn(&dir, port);
-        let mut server = Redis { child: Some(child), dir, port };
-        server.wait_ready();
-        server
+        let process = Redis::spawn(&dir, port);
+        Redis { process, port, dir }
     }
 
     /// Kills the server and starts a new, empty one on the same port, as a
     /// restart without persistence does: every client's connection breaks.
     pub fn restart(&mut self) {
-        self.stop();
-        self.child = Some(Redis::spawn(&self.dir, self.port));
-        self.wait_ready();
+        self.process.stop();
+        self.process = Redis::spawn(&self.dir, self.port);
     }
 
-    fn spawn(dir: &tempfile::TempDir, port: u16) -> Child {
-        Command::new(tool("redis-server"))
+    fn spawn(dir: &tempfile::TempDir, port: u16) -> Process {
+        let mut command = Command::new(tool("redis-server"));
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--requirepass", PASSWORD, "--daemonize", "no", "--protected-mode", "yes"])
             .arg("--dir")
             .arg(dir.path())
-            .arg("--logfile")
-            .arg(dir.path().join("redis.log"))
             // One config line: the user, on, its password, the keys it may use, its commands.
-            .args(["--user", ACL_USER, "on", &format!(">{ACL_PASSWORD}"), &format!("~{ACL_PREFIX}*"), "+@all"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting redis-server")
-    }
-
-    fn wait_ready(&mut self) {
+            .args(["--user", ACL_USER, "on", &format!(">{ACL_PASSWORD}"), &format!("~{ACL_PREFIX}*"), "+@all"]);
+        let process = Process::start("redis-server", command, port, &dir.path().join("redis.log"));
+        // Accepting connections comes before loading is done: wait for an answer.
+        let server = |args: &[&str]| cli(port, args);
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.cli(&["PING"]) == "PONG" {
-                return;
-            }
-            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
-            if exited.is_some() || Instant::now() > deadline {
-                let log = fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-                panic!("redis-server did not start on 127.0.0.1:{} ({exited:?}):\n{log}", self.port);
-            }
+        while server(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server on {port} does not answer PING");
             std::thread::sleep(Duration::from_millis(20));
         }
+        process
     }
 
     /// Runs one command with redis-cli as the default user; its output, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(tool("redis-cli"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-a", PASSWORD, "--no-auth-warning"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running redis-cli");
-        text(&out.stdout).trim().to_string()
+        cli(self.port, args)
     }
 
     /// How many times the server ran `command` (from INFO commandstats).
@@ -145,15 +123,17 @@ impl RemoteServer for Redis {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.stop();
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Runs one command with redis-cli as the default user; its output, trimmed.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(tool("redis-cli"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-a", PASSWORD, "--no-auth-warning"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running redis-cli");
+    text(&out.stdout).trim().to_string()
 }
