@@ -6,28 +6,25 @@
 //! - `cas/<64 hex output id>`: the body, byte for byte, so a server that checks
 //!   that a CAS object hashes to its name (bazel-remote does) accepts it.
 //!
-//! Each call is one or two requests (GET, or HEAD then PUT) through wasi:http;
-//! the host decides which addresses may be reached and does TLS. Bodies move
-//! in bounded chunks both ways, whatever their size.
+//! Each call is one or two requests (GET, or HEAD then PUT) through wasi:http
+//! (gocp-http-client owns the exchange and its limits); the host decides
+//! which addresses may be reached and does TLS. Bodies move in bounded chunks
+//! both ways, whatever their size.
 //!
 //! It must never contact the server from `open` (every go command pays for
 //! start-up; a wrong server or credentials show up at the first call instead),
 //! never hold a whole body in memory, and never report a server's trouble as
 //! anything the build has to care about.
 
-mod client;
-
 use std::time::Duration;
 
 use base64::Engine as _;
+use gocp_http_client::{Body, Client, Method, Response};
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, export_backend,
-    hex, write_all,
+    hex,
 };
 use url::Url;
-use wasip2::http::types::{Method, Scheme};
-
-use client::{Client, Failure, Response, Upload};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Far longer than any entry line (`v1`, 64 hex digits, two numbers): an
@@ -43,6 +40,8 @@ enum Auth {
 
 struct Http {
     client: Client,
+    /// The configured URL: each request's URL is it with another path.
+    origin: Url,
     /// The URL's path, ending in `/`: `ac/` and `cas/` go under it.
     base: String,
     /// The URL without credentials, for messages.
@@ -60,12 +59,11 @@ impl Http {
         format!("{}{kind}/{}", self.base, hex(id))
     }
 
-    fn send(&self, method: Method, path: &str, upload: Option<Upload<'_>>) -> Result<Response, Error> {
-        let verb = method_name(&method).to_string();
-        self.client.send(method, path, upload).map_err(|f| match f {
-            Failure::Local(e) => e,
-            Failure::Network(why) => Error::Unavailable(format!("{}: {verb} {path}: {why}", self.url)),
-        })
+    fn send(&self, method: Method, path: &str, body: Body<'_>) -> Result<Response, Error> {
+        let what = format!("{}: {} {path}", self.url, method_name(&method));
+        let mut url = self.origin.clone();
+        url.set_path(path);
+        self.client.send(method, &url, body, &what)
     }
 
     /// The error for a status that is neither success nor "not there".
@@ -96,19 +94,12 @@ impl Http {
         }
     }
 
-    fn read(&self, response: &mut Response, path: &str) -> Result<Option<Vec<u8>>, Error> {
-        response.read().map_err(|f| match f {
-            Failure::Local(e) => e,
-            Failure::Network(why) => Error::Unavailable(format!("{}: GET {path}: {why}", self.url)),
-        })
-    }
-
-    fn put(&mut self, kind: &'static str, path: &str, upload: Upload<'_>) -> Result<(), Error> {
+    fn put(&mut self, kind: &'static str, path: &str, body: Body<'_>) -> Result<(), Error> {
         if self.mkcol && !self.made.contains(&kind) {
             self.make_collections(kind)?;
             self.made.push(kind);
         }
-        let response = self.send(Method::Put, path, Some(upload))?;
+        let response = self.send(Method::Put, path, body)?;
         match response.status {
             200..=299 => Ok(()),
             409 if !self.mkcol => Err(Error::Broken(format!(
@@ -127,7 +118,7 @@ impl Http {
         for segment in full.split('/').filter(|s| !s.is_empty()) {
             path.push_str(segment);
             path.push('/');
-            let response = self.send(Method::Other("MKCOL".into()), &path, None)?;
+            let response = self.send(Method::Other("MKCOL".into()), &path, Body::Empty)?;
             match response.status {
                 // Made now, or already there (RFC 4918 answers 405 for an existing one).
                 200..=299 | 405 => {}
@@ -188,14 +179,10 @@ impl Backend for Http {
 
         let url = Url::parse(&raw)
             .map_err(|e| Error::InvalidConfig(format!("url={raw}: {e}: expected http[s]://HOST[:PORT][/PATH]")))?;
-        let scheme = match url.scheme() {
-            "http" => Scheme::Http,
-            "https" => Scheme::Https,
-            other => {
-                return Err(Error::InvalidConfig(format!("url={raw}: scheme {other}: expected http or https")));
-            }
-        };
-        let Some(host) = url.host_str() else {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::InvalidConfig(format!("url={raw}: scheme {}: expected http or https", url.scheme())));
+        }
+        if url.host_str().is_none() {
             return Err(Error::InvalidConfig(format!("url={raw}: no host: expected http[s]://HOST[:PORT][/PATH]")));
         };
         if !url.username().is_empty() || url.password().is_some() {
@@ -209,11 +196,6 @@ impl Backend for Http {
                 "url={raw}: remove the ?query or #fragment: only a path is used"
             )));
         }
-        let authority = match url.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_string(),
-        };
-        let grant = format!("{host}:{}", url.port_or_known_default().unwrap_or(80));
         let base = format!("{}/", url.path().trim_end_matches('/'));
 
         let auth = match (token_env, basic_env) {
@@ -224,9 +206,10 @@ impl Backend for Http {
             (None, Some(var)) => Auth::Basic(var),
             (None, None) => Auth::None,
         };
-        let authorization = match &auth {
-            Auth::None => None,
-            Auth::Token(var) => Some(format!("Bearer {}", secret("token-env", var)?)),
+        let client = Client::new(timeout);
+        let client = match &auth {
+            Auth::None => client,
+            Auth::Token(var) => client.header("authorization", format!("Bearer {}", secret("token-env", var)?)),
             Auth::Basic(var) => {
                 let pair = secret("basic-env", var)?;
                 if !pair.contains(':') {
@@ -234,14 +217,18 @@ impl Backend for Http {
                         "basic-env={var}: {var} must hold user:password (no colon found)"
                     )));
                 }
-                Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+                client.header(
+                    "authorization",
+                    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)),
+                )
             }
         };
 
         let http = Http {
-            client: Client { scheme, authority, authorization, timeout, grant },
+            client,
             base,
             url: redacted(&url).trim_end_matches('/').to_string(),
+            origin: url,
             auth,
             mkcol,
             made: Vec::new(),
@@ -251,21 +238,18 @@ impl Backend for Http {
 
     fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
         let path = self.path("ac", action_id);
-        let mut response = self.send(Method::Get, &path, None)?;
+        let response = self.send(Method::Get, &path, Body::Empty)?;
         match response.status {
             200 => {}
             404 => return Err(Error::NotFound),
             s => return Err(self.refused("GET", &path, s)),
         }
-        let mut text = Vec::new();
-        while let Some(chunk) = self.read(&mut response, &path)? {
-            text.extend_from_slice(&chunk);
-            if text.len() > MAX_ENTRY {
-                return Err(Error::Broken(format!(
-                    "{}: GET {path}: more than {MAX_ENTRY} bytes, not an entry gocp wrote: is another tool using this path?",
-                    self.url
-                )));
-            }
+        let text = response.bytes(MAX_ENTRY + 1)?;
+        if text.len() > MAX_ENTRY {
+            return Err(Error::Broken(format!(
+                "{}: GET {path}: more than {MAX_ENTRY} bytes, not an entry gocp wrote: is another tool using this path?",
+                self.url
+            )));
         }
         std::str::from_utf8(&text).ok().and_then(Entry::parse).ok_or_else(|| {
             Error::Broken(format!(
@@ -278,7 +262,7 @@ impl Backend for Http {
 
     fn read_body(&mut self, output_id: &Digest, size: u64, sink: &OutputStream) -> Result<(), Error> {
         let path = self.path("cas", output_id);
-        let mut response = self.send(Method::Get, &path, None)?;
+        let response = self.send(Method::Get, &path, Body::Empty)?;
         match response.status {
             200 => {}
             404 => return Err(Error::NotFound),
@@ -292,14 +276,8 @@ impl Backend for Http {
         {
             return Err(wrong_size(len));
         }
-        let mut total = 0u64;
-        while let Some(chunk) = self.read(&mut response, &path)? {
-            total += chunk.len() as u64;
-            if total > size {
-                return Err(wrong_size(total));
-            }
-            write_all(sink, &chunk)?;
-        }
+        // It stops before writing more than `size` bytes into the host's store.
+        let total = response.copy_to(sink, size)?;
         if total != size {
             return Err(wrong_size(total));
         }
@@ -311,7 +289,7 @@ impl Backend for Http {
         // Bodies never change, so one already there (another machine stored
         // it) need not be sent again; one of another length is a leftover of
         // a broken upload and is replaced.
-        let head = self.send(Method::Head, &path, None)?;
+        let head = self.send(Method::Head, &path, Body::Empty)?;
         match head.status {
             // Some servers answer HEAD with a length of 0 whatever the object: only
             // another non-zero length means a different object.
@@ -320,12 +298,12 @@ impl Backend for Http {
             s => return Err(self.refused("HEAD", &path, s)),
         }
         drop(head);
-        self.put("cas", &path, Upload::Stream { size, source: body })
+        self.put("cas", &path, Body::Stream { from: body, size })
     }
 
     fn write_entry(&mut self, action_id: &Digest, entry: Entry) -> Result<(), Error> {
         let path = self.path("ac", action_id);
-        self.put("ac", &path, Upload::Bytes(entry.to_line().as_bytes()))
+        self.put("ac", &path, Body::Bytes(entry.to_line().as_bytes()))
     }
 }
 

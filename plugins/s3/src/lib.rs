@@ -6,22 +6,19 @@
 //! [`Entry::to_line`]) and `<prefix>cas/<output id hex>` the raw body. Requests
 //! are signed with SigV4 by rusty-s3 (presigned URLs, UNSIGNED-PAYLOAD, so a
 //! body is streamed and never hashed or held here) and sent over wasi:http
-//! (see `http.rs`). This module owns the configuration, the layout and the
+//! by gocp-http-client. This module owns the configuration, the layout and the
 //! meaning of S3's answers; it must never contact the server from `open`
 //! (every go command pays that latency) nor read a secret from a config value.
 
-mod http;
-
 use std::time::Duration;
 
+use gocp_http_client::{Body, Client, Method, Response};
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, export_backend,
     hex,
 };
-use http::{Body, Response};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use url::Url;
-use wasip2::http::types::Method;
 
 const DEFAULT_REGION: &str = "us-east-1";
 const DEFAULT_PREFIX: &str = "gocp/";
@@ -44,7 +41,7 @@ struct S3 {
     bucket: Bucket,
     credentials: Credentials,
     prefix: String,
-    timeout: Duration,
+    client: Client,
     /// "s3 at HOST:PORT", how messages name the server.
     server: String,
     /// What to check when the server refuses the credentials.
@@ -125,7 +122,7 @@ impl Backend for S3 {
             Error::InvalidConfig(format!("endpoint={endpoint} with bucket={bucket_name}: not usable: {e:?}"))
         })?;
         let server = format!("s3 at {}", &bucket.base_url()[url::Position::BeforeHost..url::Position::AfterPort]);
-        let s3 = S3 { bucket, credentials, prefix, timeout, server, credentials_hint };
+        let s3 = S3 { bucket, credentials, prefix, client: Client::new(timeout), server, credentials_hint };
         Ok((s3, Capabilities { stores_bodies: true }))
     }
 
@@ -136,7 +133,7 @@ impl Backend for S3 {
         if response.status != 200 {
             return Err(self.refusal(&response, &what));
         }
-        let text = response.text(MAX_ENTRY_BYTES, &what)?;
+        let text = String::from_utf8_lossy(&response.bytes(MAX_ENTRY_BYTES)?).into_owned();
         Entry::parse(&text).ok_or_else(|| {
             Error::Broken(format!(
                 "{what}: not a gocp entry ({} bytes): delete the object or use another prefix",
@@ -155,7 +152,7 @@ impl Backend for S3 {
         if let Some(length) = response.content_length.filter(|&n| n != size) {
             return Err(Error::Broken(format!("{what}: the object has {length} bytes, the entry says {size}")));
         }
-        let copied = response.copy_to(sink, &what)?;
+        let copied = response.copy_to(sink, size)?;
         if copied != size {
             return Err(Error::Unavailable(format!("{what}: the download ended after {copied} of {size} bytes")));
         }
@@ -203,13 +200,13 @@ impl S3 {
             Method::Head => ("HEAD", self.bucket.head_object(Some(&self.credentials), key).sign(PRESIGN_EXPIRY)),
             _ => ("PUT", self.bucket.put_object(Some(&self.credentials), key).sign(PRESIGN_EXPIRY)),
         };
-        http::send(method, &url, body, self.timeout, &self.what(name, key))
+        self.client.send(method, &url, body, &self.what(name, key))
     }
 
     /// The error for a response that is not a success, from its status and
     /// S3 error document (HEAD responses have none: the status must do).
     fn refusal(&self, response: &Response, what: &str) -> Error {
-        let document = response.text(MAX_ERROR_BYTES, what).unwrap_or_default();
+        let document = String::from_utf8_lossy(&response.bytes(MAX_ERROR_BYTES).unwrap_or_default()).into_owned();
         let code = xml_field(&document, "Code");
         let detail = match (code, xml_field(&document, "Message")) {
             (Some(c), Some(m)) => format!("HTTP {} {c}: {m}", response.status),
