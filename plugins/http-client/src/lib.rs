@@ -152,6 +152,11 @@ impl Client {
             };
             match future.get() {
                 Some(Ok(Ok(response))) => break response,
+                // A denied request never had a connection: whatever the upload
+                // met on its way out says nothing more.
+                Some(Ok(Err(e @ ErrorCode::HttpRequestDenied))) => {
+                    return Err(Error::Unavailable(format!("{what}: {}", describe(&e, url, self.timeout))));
+                }
                 Some(Ok(Err(e))) => return Err(failed(describe(&e, url, self.timeout))),
                 Some(Err(())) => return Err(Error::Broken(format!("{what}: wasi:http response taken twice"))),
                 None => wait(&future.subscribe(), self.timeout, "waiting for the response").map_err(failed)?,
