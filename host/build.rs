@@ -22,11 +22,16 @@ fn main() {
     let plugins_dir = root.join("plugins");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
 
-    for path in ["wit", "plugins/Cargo.toml", "plugins/Cargo.lock", "plugins/sdk"] {
+    for path in ["wit", "plugins/Cargo.toml", "plugins/Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
-    for name in PLUGINS {
-        println!("cargo:rerun-if-changed={}", plugins_dir.join(name).display());
+    // Every crate of the plugins workspace (the shipped plugins and the
+    // libraries they use), but not its target directory, which changes with
+    // every build.
+    for entry in fs::read_dir(&plugins_dir).expect("reading plugins/").flatten() {
+        if entry.path().is_dir() && entry.file_name() != "target" {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
     }
 
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: keep the wasm build
