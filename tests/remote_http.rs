@@ -10,7 +10,6 @@ mod support;
 
 use std::fs;
 use std::io::Read;
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -195,34 +194,11 @@ fn a_hung_server_costs_a_build_seconds_and_one_line() {
     let server = Nginx::start();
     let mut backend = server.backend();
     backend.args.extend(["--config".to_string(), "timeout=1s".to_string()]);
-    let tmp = tempfile::tempdir().unwrap();
-    let machine = remote::Machine::new(tmp.path());
-    let src = tmp.path().join("src");
-    write_module(&src);
-
-    server.freeze();
-    let started = Instant::now();
-    let out = machine.run(&backend, &src, &["build", "./..."]);
-    let took = started.elapsed();
-    server.thaw();
-    let lines = remote::gocp_lines(&out.stderr);
-    assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
-    assert!(lines[0].contains("timed out"), "the line says the server did not answer: {}", lines[0]);
-    assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
+    remote::hung_server(&backend, || server.freeze(), || server.thaw(), "timed out");
 }
 
-/// Runs gocp-host with the http plugin expecting a start-up failure; returns its stderr.
 fn fails_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["--dir", dir.path().to_str().unwrap(), "--plugin", "http"]).args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    stderr
+    remote::fails_to_start("http", args, env)
 }
 
 #[test]

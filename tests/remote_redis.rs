@@ -8,7 +8,6 @@
 mod support;
 
 use std::fs;
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::remote::{self, Backend, Machine, RemoteServer, gocp_lines};
@@ -231,35 +230,17 @@ fn a_hung_server_costs_a_build_seconds_and_one_line() {
     let server = Redis::start();
     let mut backend = server.backend();
     backend.args.extend(["--config".into(), "timeout=1s".into()]);
-    let tmp = tempfile::tempdir().unwrap();
-    let machine = Machine::new(tmp.path());
-    let src = tmp.path().join("src");
-    write_module(&src);
-
     // Stopped, the server still accepts connections (the kernel does) but never answers.
-    server.process.signal("-STOP");
-    let started = Instant::now();
-    let out = machine.run(&backend, &src, &["build", "./..."]);
-    let took = started.elapsed();
-    server.process.signal("-CONT");
-    let lines = gocp_lines(&out.stderr);
-    assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
-    assert!(lines[0].contains("no answer within 1s"), "the line says the server did not answer: {}", lines[0]);
-    assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
+    remote::hung_server(
+        &backend,
+        || server.process.signal("-STOP"),
+        || server.process.signal("-CONT"),
+        "no answer within 1s",
+    );
 }
 
-/// Runs gocp-host with the redis plugin expecting a start-up failure; returns its stderr.
 fn fails_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["--dir", dir.path().to_str().unwrap(), "--plugin", "redis"]).args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    stderr
+    remote::fails_to_start("redis", args, env)
 }
 
 #[test]

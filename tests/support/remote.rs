@@ -197,3 +197,40 @@ pub fn conformance(server: &dyn RemoteServer) {
     let out = cmd.output().expect("running gocp-host plugin-test");
     assert!(out.status.success(), "plugin-test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
 }
+
+/// The server stops answering for a whole build (`freeze` stops it, e.g.
+/// with SIGSTOP, so connections are accepted but never served): the build
+/// succeeds in well under the time a request per action would cost, with
+/// one gocp line that contains `says`.
+pub fn hung_server(backend: &Backend, freeze: impl FnOnce(), thaw: impl FnOnce(), says: &str) {
+    require_go();
+    let tmp = tempfile::tempdir().unwrap();
+    let machine = Machine::new(tmp.path());
+    let src = tmp.path().join("src");
+    write_module(&src);
+    freeze();
+    let started = Instant::now();
+    let out = machine.go(backend, &src, &["build", "./..."]).output().expect("running go");
+    let took = started.elapsed();
+    thaw();
+    assert!(out.status.success(), "the build failed with the server hung:\n{}", text(&out.stderr));
+    let lines = gocp_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
+    assert!(lines[0].contains(says), "the line says the server did not answer ({says:?}): {}", lines[0]);
+    assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
+}
+
+/// Runs gocp-host with `--plugin plugin` and `args` on an empty stdin, with
+/// only `env` among the AWS variables set, expecting it to refuse to start
+/// (exit 2, a configuration mistake); returns its stderr.
+pub fn fails_to_start(plugin: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--dir", dir.path().to_str().unwrap(), "--plugin", plugin]).args(args);
+    cmd.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY").env_remove("AWS_SESSION_TOKEN");
+    cmd.envs(env.iter().copied()).stdin(Stdio::null());
+    let out = cmd.output().expect("running gocp-host");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
