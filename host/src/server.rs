@@ -13,8 +13,8 @@
 //! A put is answered as soon as its body is stored locally; then the plugin
 //! records it in the background: by the same thread if fewer than half the
 //! instances are recording (uploading, for a remote plugin), else it waits in a
-//! backlog that recording threads work through, so that there are always
-//! threads left to answer gets. Until the plugin has recorded a put, gets for
+//! backlog (bounded; beyond it the put stays local only) that recording
+//! threads work through, so that there are always threads left to answer gets. Until the plugin has recorded a put, gets for
 //! that action are answered from the put itself, so a go command always reads
 //! its own writes. When input ends (close, or end of file after `go list`),
 //! every thread helps empty the backlog, each instance runs `finish`, the store
@@ -106,6 +106,11 @@ struct Shared {
 /// The largest body a plugin may claim. Go outputs reach hundreds of MB; a
 /// claim far beyond that is a broken plugin, not a cache entry.
 const MAX_PLUGIN_BODY: u64 = 64 << 30;
+
+/// Puts waiting to be recorded, at most; beyond, a put stays local only. Each
+/// holds its body's file open, and a go command must never run out of file
+/// descriptors because a remote is slow.
+const MAX_BACKLOG: usize = 256;
 
 pub fn serve(
     plugin: Plugin,
@@ -206,8 +211,10 @@ enum Next {
 struct Recording {
     action_id: Digest,
     entry: Entry,
-    /// The stored body, for plugins that keep bodies.
-    body: Option<PathBuf>,
+    /// The stored body, opened before the put was answered, for plugins that
+    /// keep bodies: once the go command has its answer the file may go (a
+    /// trim by another go command), and the plugin must still get the body.
+    body: Option<File>,
 }
 
 /// The loop each plugin thread runs until the session is over.
@@ -460,7 +467,17 @@ fn put(
         }
     };
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
-    let body = shared.stores_bodies.then(|| path.clone());
+    let body = if shared.stores_bodies {
+        match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                shared.problems.report(Problem::Store, format!("local store: reopening {}: {e}", path.display()));
+                None
+            }
+        }
+    } else {
+        None
+    };
     shared.respond(Response { id, disk_path: Some(path_string(path)), ..Default::default() });
     shared.record_locally(&action_id, &entry);
 
@@ -483,7 +500,16 @@ fn record_or_queue(shared: &Arc<Shared>, worker: &mut Worker, recording: Recordi
         }
         return work_through_backlog(shared, worker);
     }
-    shared.backlog.lock().unwrap().push_back(recording);
+    {
+        let mut backlog = shared.backlog.lock().unwrap();
+        if backlog.len() >= MAX_BACKLOG {
+            drop(backlog);
+            Stats::add(&shared.stats.local_only_puts, 1);
+            shared.forget_pending(&recording.action_id, &recording.entry);
+            return true;
+        }
+        backlog.push_back(recording);
+    }
     // A recording thread may have stopped between the check and the push.
     if shared.start_recording() {
         return work_through_backlog(shared, worker);
@@ -527,13 +553,7 @@ fn record(shared: &Arc<Shared>, worker: &mut Worker, recording: Recording) -> bo
     let Recording { action_id, entry, body } = recording;
     let forget = {
         let shared = shared.clone();
-        // A later put of the same action may have replaced the entry meanwhile.
-        move || {
-            let mut pending = shared.pending.lock().unwrap();
-            if pending.get(&action_id) == Some(&entry) {
-                pending.remove(&action_id);
-            }
-        }
+        move || shared.forget_pending(&action_id, &entry)
     };
     let on_stuck = {
         let (shared, forget) = (shared.clone(), forget.clone());
@@ -554,31 +574,30 @@ fn record_with(
     instance: Option<&mut Instance>,
     action_id: &Digest,
     entry: &Entry,
-    body: Option<PathBuf>,
+    body: Option<File>,
 ) {
     let Some(instance) = instance else { return };
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
         return;
     }
-    if let Some(path) = body
-        && !shared.plugin_has.lock().unwrap().contains(&entry.output_id)
-    {
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) => {
-                // Trimmed by another go command meanwhile: an entry without its
-                // body would be a miss elsewhere anyway.
-                shared.problems.report(Problem::Store, format!("local store: reopening {}: {e}", path.display()));
-                return;
-            }
-        };
+    if shared.stores_bodies {
+        // Without its body (it could not be opened), an entry would be a miss
+        // elsewhere anyway.
+        let Some(file) = body else { return };
+        if shared.plugin_has.lock().unwrap().contains(&entry.output_id) {
+            return record_entry(shared, instance, action_id, entry);
+        }
         if let Err(e) = instance.write_body(&entry.output_id, entry.size, file) {
             shared.plugin_failed(&e);
             return;
         }
         shared.plugin_has.lock().unwrap().insert(entry.output_id);
     }
+    record_entry(shared, instance, action_id, entry);
+}
+
+fn record_entry(shared: &Shared, instance: &mut Instance, action_id: &Digest, entry: &Entry) {
     match instance.write_entry(action_id, entry) {
         Ok(()) => shared.breaker.success(),
         Err(e) => shared.plugin_failed(&e),
@@ -622,6 +641,15 @@ fn receive(
 }
 
 impl Shared {
+    /// Drops a put from the pending map once the plugin has it (or never will),
+    /// unless a later put of the same action replaced it meanwhile.
+    fn forget_pending(&self, action_id: &Digest, entry: &Entry) {
+        let mut pending = self.pending.lock().unwrap();
+        if pending.get(action_id) == Some(entry) {
+            pending.remove(action_id);
+        }
+    }
+
     fn start_recording(&self) -> bool {
         self.recording
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_recording).then_some(n + 1))
