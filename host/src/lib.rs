@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod cli;
 pub mod local_entries;
+pub mod manifest;
 pub mod plugin;
 pub mod protocol;
 pub mod server;

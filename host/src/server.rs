@@ -24,7 +24,11 @@
 //! the host keeps a local tier in front of it: entries are also recorded
 //! locally (`local_entries`), and a get that finds both the entry and the body
 //! locally never calls the plugin. A body the plugin supplies is verified,
-//! stored locally and its entry recorded, so it is fetched once.
+//! stored locally and its entry recorded, so it is fetched once. Such a
+//! session also leaves a manifest of what it used (see `manifest`); a later
+//! session that starts with the same requests finds it, and threads not needed
+//! for reading requests fetch what it lists into the local tier ahead of the
+//! go command, so a warm build from a remote is not a chain of round trips.
 //!
 //! It owns the policy that no failure of the plugin, or of the disk, ever fails
 //! a build: each becomes a miss, a local-only put, or a put error (only when
@@ -33,15 +37,18 @@
 //! to stdout except through its `Responder`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sha2::{Digest as _, Sha256};
+
 use crate::breaker::Breaker;
 use crate::local_entries::LocalEntries;
+use crate::manifest::{self, Item, Recorder};
 use crate::plugin::{Body, CallError, Entry, Instance, Plugin, Worker};
 use crate::protocol::{
     BodyError, Command, DecodeError, Decoder, Digest, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS, format_time,
@@ -96,6 +103,19 @@ struct Shared {
     /// Bodies the plugin is known to have (stored or supplied this session):
     /// not sent to it again.
     plugin_has: Mutex<HashSet<Digest>>,
+    /// What this session used, for its manifest: only with a local tier.
+    manifest: Option<Recorder>,
+    /// A manifest was found at the start of this session.
+    manifest_found: AtomicBool,
+    /// Looking for one failed: the other keys are not tried.
+    manifest_given_up: AtomicBool,
+    /// Actions a manifest listed, still to bring into the local tier.
+    prefetch: Mutex<VecDeque<Item>>,
+    /// Threads prefetching now, at most `max_prefetching`, and never so many
+    /// that fewer than two threads are left to read requests.
+    prefetching: AtomicUsize,
+    max_prefetching: usize,
+    instances: usize,
     breaker: Breaker,
     /// Set by the thread that reads the end of the session.
     over: AtomicBool,
@@ -123,6 +143,7 @@ pub fn serve(
     let started = Instant::now();
     let label = format!("{} {}", plugin.info.name, plugin.info.version);
     let max_recording = (plugin.instances() / 2).max(1);
+    let manifest = local.as_ref().map(|_| Recorder::default());
     let shared = Arc::new(Shared {
         store,
         stats: Stats::default(),
@@ -136,6 +157,13 @@ pub fn serve(
         recording: AtomicUsize::new(0),
         max_recording,
         plugin_has: Mutex::new(HashSet::new()),
+        manifest,
+        manifest_found: AtomicBool::new(false),
+        manifest_given_up: AtomicBool::new(false),
+        prefetch: Mutex::new(VecDeque::new()),
+        prefetching: AtomicUsize::new(0),
+        max_prefetching: plugin.instances() / 2,
+        instances: plugin.instances(),
         breaker: Breaker::default(),
         over: AtomicBool::new(false),
         end: Mutex::new(None),
@@ -230,11 +258,17 @@ fn serve_requests(shared: &Arc<Shared>, worker: &mut Worker) {
             match read_next(shared, &mut decoder) {
                 Ok(next) => next,
                 Err(end) => {
+                    let closed = matches!(end.0, Ending::Closed);
                     shared.over.store(true, Ordering::SeqCst);
                     *shared.end.lock().unwrap() = Some(end);
                     shared.ended.notify_all();
                     drop(decoder);
                     drain_backlog(shared, worker);
+                    // Only a session that ended as the go command meant it to:
+                    // after `go list` (no close) the list is partial.
+                    if closed {
+                        write_manifest(shared, worker);
+                    }
                     return;
                 }
             }
@@ -243,7 +277,7 @@ fn serve_requests(shared: &Arc<Shared>, worker: &mut Worker) {
             Next::Get { id, action_id } => get(shared, worker, id, action_id),
             Next::Record(recording) => record_or_queue(shared, worker, recording),
             Next::Nothing => true,
-        };
+        } && prefetch_if_due(shared, worker);
         if !carry_on {
             // The watchdog gave up on this thread; a replacement reads on.
             return;
@@ -309,8 +343,21 @@ impl Shared {
     }
 }
 
-/// Answers a get; false if the watchdog gave up on this thread meanwhile.
+/// Answers a get, then, for one of the session's first gets, looks for the
+/// manifest it may lead to. False if the watchdog gave up on this thread.
 fn get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) -> bool {
+    let may_lead = shared.manifest.as_ref().is_some_and(|m| m.get(&action_id));
+    if !answer_get(shared, worker, id, action_id) {
+        return false;
+    }
+    if may_lead && !shared.manifest_found.load(Ordering::SeqCst) && !shared.manifest_given_up.load(Ordering::SeqCst) {
+        return load_manifest(shared, worker, &action_id);
+    }
+    true
+}
+
+/// Answers a get; false if the watchdog gave up on this thread meanwhile.
+fn answer_get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) -> bool {
     Stats::add(&shared.stats.gets, 1);
     let pending = shared.pending.lock().unwrap().get(&action_id).copied();
     if let Some(entry) = pending.or_else(|| shared.local.as_ref().and_then(|l| l.read(&action_id)))
@@ -318,6 +365,7 @@ fn get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) ->
     {
         Stats::add(&shared.stats.hits_local, 1);
         shared.respond(hit(shared, id, &entry, path));
+        shared.note_used(&action_id, &entry);
         return true;
     }
     if !shared.breaker.allows() {
@@ -351,6 +399,7 @@ fn get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Digest) ->
                 shared.respond(r);
                 // After the answer: the go command needs only the body on disk.
                 shared.record_locally(&action_id, &entry);
+                shared.note_used(&action_id, &entry);
             }
             None => shared.respond_miss(id),
         }
@@ -480,6 +529,9 @@ fn put(
     };
     shared.respond(Response { id, disk_path: Some(path_string(path)), ..Default::default() });
     shared.record_locally(&action_id, &entry);
+    if let Some(m) = &shared.manifest {
+        m.put(&action_id, &entry);
+    }
 
     // Not `allows`: a probe is let through when the put is recorded.
     if shared.breaker.paused() {
@@ -640,6 +692,173 @@ fn receive(
     })
 }
 
+/// Looks for the manifest an earlier session starting with `first_get` left,
+/// and queues what it lists for prefetching. False if the watchdog gave up on
+/// this thread.
+fn load_manifest(shared: &Arc<Shared>, worker: &mut Worker, first_get: &Digest) -> bool {
+    if !shared.breaker.allows() {
+        return true;
+    }
+    let key = manifest::pointer_key(first_get);
+    let on_stuck = {
+        let shared = shared.clone();
+        move || shared.plugin_stuck()
+    };
+    let Some(found) = worker.with_instance(on_stuck, |instance| read_manifest(shared, instance?, &key)) else {
+        return false;
+    };
+    if let Some(items) = found
+        && !shared.manifest_found.swap(true, Ordering::SeqCst)
+    {
+        Stats::add(&shared.stats.manifest_items, items.len() as u64);
+        shared.prefetch.lock().unwrap().extend(items);
+    }
+    true
+}
+
+fn read_manifest(shared: &Shared, instance: &mut Instance, key: &Digest) -> Option<Vec<Item>> {
+    let entry = match instance.read_entry(key) {
+        Ok(found) => {
+            shared.breaker.success();
+            found.filter(|e| e.size <= manifest::MAX_BYTES)?
+        }
+        // Only an optimisation failed: no line and no error count (the go
+        // command's own requests report a real outage), but the breaker hears
+        // of it, and no other key is tried, so a dead server costs one call.
+        Err(e) => {
+            if e.is_outage() {
+                shared.breaker.outage();
+            }
+            shared.manifest_given_up.store(true, Ordering::SeqCst);
+            return None;
+        }
+    };
+    let path = match shared.store.lookup(&entry.output_id, entry.size) {
+        Some(path) => path,
+        None => fetch(shared, instance, &entry)?,
+    };
+    shared.plugin_has.lock().unwrap().insert(entry.output_id);
+    // Verified by hash on the way in; anything else in it is not a manifest.
+    manifest::decode(&fs::read(path).ok()?)
+}
+
+/// Takes a prefetching slot if there is something to prefetch and a slot to
+/// spare, and fetches until the list is done or the session is over. False if
+/// the watchdog gave up on this thread.
+fn prefetch_if_due(shared: &Arc<Shared>, worker: &mut Worker) -> bool {
+    if shared.prefetch.lock().unwrap().is_empty() || !shared.start_prefetching() {
+        return true;
+    }
+    let carry_on = loop {
+        if shared.over.load(Ordering::SeqCst) {
+            shared.prefetch.lock().unwrap().clear();
+            break true;
+        }
+        let Some(item) = shared.prefetch.lock().unwrap().pop_front() else { break true };
+        if !prefetch(shared, worker, item) {
+            break false;
+        }
+    };
+    shared.prefetching.fetch_sub(1, Ordering::SeqCst);
+    carry_on
+}
+
+/// Brings one listed action into the local tier, unless it is there already:
+/// its body from the manifest if it came inline, else from the plugin. A body
+/// the plugin no longer has is skipped: the manifest may be older than the
+/// remote's eviction. False if the watchdog gave up on this thread.
+fn prefetch(shared: &Arc<Shared>, worker: &mut Worker, item: Item) -> bool {
+    let Some(local) = shared.local.as_ref() else { return true };
+    let Item { action, entry, body } = item;
+    let (action_id, entry) = (&action, &entry);
+    if shared.store.lookup(&entry.output_id, entry.size).is_some() {
+        if local.read(action_id).is_none() {
+            shared.record_locally(action_id, entry);
+        }
+        return true;
+    }
+    if let Some(body) = body {
+        match store_bytes(shared, &body, &entry.output_id) {
+            Ok(_) => {
+                Stats::add(&shared.stats.prefetched, 1);
+                shared.record_locally(action_id, entry);
+            }
+            Err(CommitError::Io(e)) => shared.problems.report(Problem::Store, format!("local store: {e}")),
+            // Not what its entry says: the plugin's copy may still be good.
+            Err(_) => Stats::add(&shared.stats.rejected_bodies, 1),
+        }
+        return true;
+    }
+    if !shared.breaker.allows() {
+        shared.prefetch.lock().unwrap().clear();
+        return true;
+    }
+    let on_stuck = {
+        let shared = shared.clone();
+        move || shared.plugin_stuck()
+    };
+    worker
+        .with_instance(on_stuck, |instance| {
+            if let Some(instance) = instance
+                && fetch(shared, instance, entry).is_some()
+            {
+                Stats::add(&shared.stats.prefetched, 1);
+                shared.plugin_has.lock().unwrap().insert(entry.output_id);
+                shared.record_locally(action_id, entry);
+            }
+        })
+        .is_some()
+}
+
+/// Leaves this session's manifest through the plugin, for the next machine:
+/// its body first, then a pointer from each of the session's first gets.
+fn write_manifest(shared: &Arc<Shared>, worker: &mut Worker) {
+    if shared.breaker.paused() {
+        return;
+    }
+    let found = shared.manifest_found.load(Ordering::SeqCst);
+    let small_body = |entry: &Entry| fs::read(shared.store.lookup(&entry.output_id, entry.size)?).ok();
+    let Some(to_write) = shared.manifest.as_ref().and_then(|m| m.finish(found, small_body)) else { return };
+    let output_id: Digest = Sha256::digest(&to_write.bytes).into();
+    let size = to_write.bytes.len() as u64;
+    // Through the local store like any body: the plugin reads bodies from files.
+    let stored = store_bytes(shared, &to_write.bytes, &output_id);
+    let file = match stored.map_err(|e| e.to_string()).and_then(|path| File::open(path).map_err(|e| e.to_string())) {
+        Ok(file) => file,
+        Err(e) => {
+            shared.problems.report(Problem::Store, format!("local store: keeping the session's manifest: {e}"));
+            return;
+        }
+    };
+    let entry = Entry { output_id, size, put_time_ns: now_ns() };
+    let on_stuck = {
+        let shared = shared.clone();
+        move || shared.plugin_stuck()
+    };
+    worker.with_instance(on_stuck, |instance| {
+        let Some(instance) = instance else { return };
+        if !shared.plugin_has.lock().unwrap().contains(&output_id)
+            && let Err(e) = instance.write_body(&output_id, size, file)
+        {
+            shared.plugin_failed(&e);
+            return;
+        }
+        for key in &to_write.keys {
+            if let Err(e) = instance.write_entry(&manifest::pointer_key(key), &entry) {
+                shared.plugin_failed(&e);
+                return;
+            }
+        }
+    });
+}
+
+/// Stores `bytes` as the body of `output_id`, verified like any other.
+fn store_bytes(shared: &Shared, bytes: &[u8], output_id: &Digest) -> Result<PathBuf, CommitError> {
+    let mut writer = shared.store.begin().map_err(CommitError::Io)?;
+    writer.write_all(bytes).map_err(CommitError::Io)?;
+    shared.store.commit(writer, output_id, bytes.len() as u64)
+}
+
 impl Shared {
     /// Drops a put from the pending map once the plugin has it (or never will),
     /// unless a later put of the same action replaced it meanwhile.
@@ -648,6 +867,21 @@ impl Shared {
         if pending.get(action_id) == Some(entry) {
             pending.remove(action_id);
         }
+    }
+
+    fn note_used(&self, action_id: &Digest, entry: &Entry) {
+        if let Some(m) = &self.manifest {
+            m.used(action_id, entry);
+        }
+    }
+
+    fn start_prefetching(&self) -> bool {
+        self.prefetching
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                let busy = n + 1 + self.recording.load(Ordering::SeqCst);
+                (n < self.max_prefetching && busy + 2 <= self.instances).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     fn start_recording(&self) -> bool {

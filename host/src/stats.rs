@@ -20,6 +20,11 @@ pub struct Stats {
     pub hits_local: AtomicU64,
     /// Hits whose body the plugin supplied (it was not on local disk).
     pub hits_fetched: AtomicU64,
+    /// Actions listed by a manifest found at the start (see `manifest`).
+    pub manifest_items: AtomicU64,
+    /// Outputs brought into the local tier ahead of the go command's
+    /// requests, from that list (carried in it, or fetched from the plugin).
+    pub prefetched: AtomicU64,
     pub hit_bytes: AtomicU64,
     pub puts: AtomicU64,
     pub put_bytes: AtomicU64,
@@ -50,6 +55,8 @@ pub struct Summary {
     pub misses: u64,
     pub hits_local: u64,
     pub hits_fetched: u64,
+    pub manifest_items: u64,
+    pub prefetched: u64,
     pub hit_bytes: u64,
     pub puts: u64,
     pub put_bytes: u64,
@@ -94,6 +101,8 @@ impl Stats {
             misses: self.misses.load(Relaxed),
             hits_local: self.hits_local.load(Relaxed),
             hits_fetched: self.hits_fetched.load(Relaxed),
+            manifest_items: self.manifest_items.load(Relaxed),
+            prefetched: self.prefetched.load(Relaxed),
             hit_bytes: self.hit_bytes.load(Relaxed),
             puts: self.puts.load(Relaxed),
             put_bytes: self.put_bytes.load(Relaxed),

@@ -123,7 +123,10 @@ pub fn shared_cache(server: &dyn RemoteServer) {
     let stats = b.stats();
     // Not every get is a hit: the go command's module index keys a few
     // records by the checkout's absolute directory, which differs per machine.
-    assert!(count(&stats, "hits_fetched") > 0, "B's hits came from the remote: {stats}");
+    assert!(count(&stats, "hits_fetched") + count(&stats, "prefetched") > 0, "B's hits came from the remote: {stats}");
+    // A's sessions left a manifest of what they used: B's build found it and
+    // brought outputs into its local tier ahead of its go command's requests.
+    assert!(count(&stats, "manifest_items") > 0 && count(&stats, "prefetched") > 0, "B prefetched: {stats}");
 
     let out = b.run(&backend, &src_b, &["test", "-trimpath", "./..."]);
     let stdout = text(&out.stdout);
