@@ -18,6 +18,7 @@ use clap::Parser;
 use crate::local_entries::LocalEntries;
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::server::{self, Ending, Settings};
+use crate::stats::Summary;
 use crate::store::{Store, TrimPolicy};
 
 const ABOUT: &str = "Serves the go command's build cache (GOCACHEPROG) from a cache backend plugin: \
@@ -249,18 +250,19 @@ pub fn run() -> Result<ExitCode> {
         trim: TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: cli.trim_interval },
         drain_timeout: cli.drain_timeout,
     };
-    let outcome = server::serve(plugin, store, local, settings, input, output);
-
-    if cli.verbose {
-        eprintln!("{}", outcome.summary.line());
-    }
-    if let Some(path) = &cli.stats_json {
-        let json = serde_json::to_vec_pretty(&outcome.summary).expect("statistics serialize");
-        if let Err(e) = std::fs::write(path, json) {
-            eprintln!("gocp: writing statistics to {}: {e}", path.display());
+    let report = |summary: &Summary| {
+        if cli.verbose {
+            eprintln!("{}", summary.line());
         }
-    }
-    Ok(exit_code(outcome.ending))
+        if let Some(path) = &cli.stats_json {
+            let json = serde_json::to_vec_pretty(summary).expect("statistics serialize");
+            if let Err(e) = std::fs::write(path, json) {
+                eprintln!("gocp: writing statistics to {}: {e}", path.display());
+            }
+        }
+    };
+    let ending = server::serve(plugin, store, local, settings, input, output, &report);
+    Ok(exit_code(ending))
 }
 
 /// How to run the plugin, from the flags: for serving and for `plugin-test`.

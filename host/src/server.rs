@@ -74,11 +74,6 @@ pub enum Ending {
     BadInput(DecodeError),
 }
 
-pub struct Outcome {
-    pub ending: Ending,
-    pub summary: Summary,
-}
-
 /// The end of the session, and the close request to answer if there was one.
 type End = (Ending, Option<i64>);
 
@@ -132,6 +127,8 @@ const MAX_PLUGIN_BODY: u64 = 64 << 30;
 /// descriptors because a remote is slow.
 const MAX_BACKLOG: usize = 256;
 
+/// Serves one go command until it closes (or input ends or breaks), and
+/// hands `report` the session's figures just before answering close.
 pub fn serve(
     plugin: Plugin,
     store: Store,
@@ -139,7 +136,8 @@ pub fn serve(
     settings: Settings,
     input: File,
     output: File,
-) -> Outcome {
+    report: &dyn Fn(&Summary),
+) -> Ending {
     let started = Instant::now();
     let label = format!("{} {}", plugin.info.name, plugin.info.version);
     let max_recording = (plugin.instances() / 2).max(1);
@@ -198,7 +196,9 @@ pub fn serve(
     if !matches!(ending, Ending::BadInput(_)) {
         match shared.store.trim(&settings.trim) {
             Ok(report) if report.ran => {
-                if let Some(Err(e)) = shared.local.as_ref().map(|l| l.trim(settings.trim.max_age)) {
+                if let Some(Err(e)) =
+                    shared.local.as_ref().map(|l| l.trim(|e| shared.store.contains(&e.output_id, e.size)))
+                {
                     shared.problems.report(Problem::Store, format!("trimming local entries: {e}"));
                 }
             }
@@ -206,13 +206,6 @@ pub fn serve(
             Err(e) => shared.problems.report(Problem::Store, format!("trimming the local store: {e}")),
         }
     }
-    if let Some(id) = close_id {
-        // Never an error: cmd/go would fail a successful build over it.
-        shared.respond(Response { id, ..Default::default() });
-    }
-    // The go command waits for end of file on our stdout before it exits.
-    shared.responder.close();
-
     let summary = shared.stats.summary(
         &label,
         pool.busy(),
@@ -221,7 +214,17 @@ pub fn serve(
         shared.breaker.trips(),
         pool.network_denials(),
     );
-    Outcome { ending, summary }
+    // Before the answer to close: once it has that, the go command kills its
+    // helper (cmd/go cancels the command's context), so nothing after it is
+    // sure to happen.
+    report(&summary);
+    if let Some(id) = close_id {
+        // Never an error: cmd/go would fail a successful build over it.
+        shared.respond(Response { id, ..Default::default() });
+    }
+    // The go command waits for end of file on our stdout before it exits.
+    shared.responder.close();
+    ending
 }
 
 /// What a thread does after reading a request.

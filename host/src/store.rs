@@ -106,6 +106,12 @@ impl Store {
         Some(path)
     }
 
+    /// Whether a body of exactly `size` bytes is stored (not a use: nothing
+    /// is recorded for trimming).
+    pub fn contains(&self, output_id: &Digest, size: u64) -> bool {
+        fs::metadata(self.path_of(output_id)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
     /// Starts receiving a body: bytes written to the returned writer go to a
     /// temporary file and into a running hash.
     pub fn begin(&self) -> io::Result<BodyWriter> {
