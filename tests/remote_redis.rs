@@ -3,7 +3,8 @@
 //! is particular to this one: an ACL user confined to a prefix, upload dedup
 //! seen from the server, a body larger than the plugin's memory streamed both
 //! ways, `max-body`, `ttl`, a server restart under a running go command, a
-//! hung server, and configuration mistakes named at start.
+//! hung server, configuration mistakes named at start, and a hand-made
+//! manifest that tries to slip in a body that is not its output.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::fs;
 
 use serde_json::{Value, json};
 use support::remote::{self, Backend, Machine, RemoteServer, gocp_lines};
-use support::servers::redis::{ACL_PASSWORD, ACL_PREFIX, ACL_USER, Redis};
+use support::servers::redis::{ACL_PASSWORD, ACL_PREFIX, ACL_USER, PASSWORD, Redis};
 use support::*;
 
 /// The plugin's own unit tests (RESP framing, url and config parsing): the
@@ -270,4 +271,67 @@ fn configuration_mistakes_are_named_before_anything_is_served() {
     ]);
     let (status, _, stderr) = s.finish();
     assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+}
+
+/// Sets `key` to a binary `value` (redis-cli takes only text arguments).
+fn set_binary(server: &Redis, key: &str, value: &[u8]) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let mut command = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{PASSWORD}\r\n", PASSWORD.len()).into_bytes();
+    command.extend(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len()).bytes());
+    command.extend_from_slice(value);
+    command.extend_from_slice(b"\r\n");
+    conn.write_all(&command).unwrap();
+    let mut replies = [0u8; 10];
+    conn.read_exact(&mut replies).unwrap();
+    assert_eq!(&replies, b"+OK\r\n+OK\r\n");
+}
+
+/// A manifest is only a list of claims: a body carried in it that does not
+/// hash to its output id is rejected like any other, and the go command gets
+/// the real output from the server. The manifest here is written by hand, as
+/// a compromised or buggy writer could, under the pointer for the session's
+/// first get.
+#[test]
+fn a_manifest_cannot_smuggle_in_a_wrong_body() {
+    let server = Redis::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let action = [0x51u8; 32];
+    put(&tmp.path().join("a"), &backend, &action, b"right");
+
+    let output_id = sha256(b"right");
+    let mut manifest = b"gocp manifest v1\n".to_vec();
+    manifest.extend_from_slice(&action);
+    manifest.extend_from_slice(&output_id);
+    manifest.extend_from_slice(&5u64.to_le_bytes());
+    manifest.extend_from_slice(&1u64.to_le_bytes());
+    manifest.extend_from_slice(&5u32.to_le_bytes());
+    manifest.extend_from_slice(b"wrong");
+    let manifest_id = sha256(&manifest);
+    set_binary(&server, &format!("gocp/cas/{}", hex::encode(manifest_id)), &manifest);
+    let first_get = [0x42u8; 32];
+    let mut pointer = b"gocp manifest pointer v1\0".to_vec();
+    pointer.extend_from_slice(&first_get);
+    let line = format!("v1 {} {} 1", hex::encode(manifest_id), manifest.len());
+    server.cli(&["SET", &format!("gocp/ac/{}", hex::encode(sha256(&pointer))), &line]);
+
+    let stats = tmp.path().join("stats.json");
+    let mut s = session(&tmp.path().join("b"), &backend, &["--stats-json", stats.to_str().unwrap()]);
+    s.send_get(1, &first_get);
+    assert_eq!(s.recv()["Miss"], json!(true));
+    // The manifest is read and its one item tried right after that answer.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    s.send_get(2, &action);
+    let hit = s.recv();
+    assert_eq!(fs::read(hit["DiskPath"].as_str().unwrap()).unwrap(), b"right");
+    s.send_close(3);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+    let stats: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(stats["manifest_items"], json!(1), "{stats}");
+    assert_eq!(stats["rejected_bodies"], json!(1), "{stats}");
+    assert_eq!(stats["prefetched"], json!(0), "{stats}");
+    assert_eq!(stats["hits_fetched"], json!(1), "the real body came from the server: {stats}");
 }
