@@ -703,11 +703,7 @@ fn load_manifest(shared: &Arc<Shared>, worker: &mut Worker, first_get: &Digest) 
         return true;
     }
     let key = manifest::pointer_key(first_get);
-    let on_stuck = {
-        let shared = shared.clone();
-        move || shared.plugin_stuck()
-    };
-    let Some(found) = worker.with_instance(on_stuck, |instance| read_manifest(shared, instance?, &key)) else {
+    let Some(found) = worker.with_instance(stuck(shared), |instance| read_manifest(shared, instance?, &key)) else {
         return false;
     };
     if let Some(items) = found
@@ -796,12 +792,8 @@ fn prefetch(shared: &Arc<Shared>, worker: &mut Worker, item: Item) -> bool {
         shared.prefetch.lock().unwrap().clear();
         return true;
     }
-    let on_stuck = {
-        let shared = shared.clone();
-        move || shared.plugin_stuck()
-    };
     worker
-        .with_instance(on_stuck, |instance| {
+        .with_instance(stuck(shared), |instance| {
             if let Some(instance) = instance
                 && fetch(shared, instance, entry).is_some()
             {
@@ -834,11 +826,7 @@ fn write_manifest(shared: &Arc<Shared>, worker: &mut Worker) {
         }
     };
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
-    let on_stuck = {
-        let shared = shared.clone();
-        move || shared.plugin_stuck()
-    };
-    worker.with_instance(on_stuck, |instance| {
+    worker.with_instance(stuck(shared), |instance| {
         let Some(instance) = instance else { return };
         if !shared.plugin_has.lock().unwrap().contains(&output_id)
             && let Err(e) = instance.write_body(&output_id, size, file)
@@ -853,6 +841,13 @@ fn write_manifest(shared: &Arc<Shared>, worker: &mut Worker) {
             }
         }
     });
+}
+
+/// What the watchdog does for background work stuck in the plugin: there is
+/// no request to answer, only the outage to note.
+fn stuck(shared: &Arc<Shared>) -> impl FnOnce() + Send + 'static {
+    let shared = shared.clone();
+    move || shared.plugin_stuck()
 }
 
 /// Stores `bytes` as the body of `output_id`, verified like any other.
