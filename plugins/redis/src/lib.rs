@@ -57,6 +57,9 @@ struct Settings {
 struct Redis {
     settings: Settings,
     conn: Option<BufReader<TcpStream>>,
+    /// Where body chunks pass through on their way to the host: kept, so a
+    /// download does not allocate and zero up to a chunk each time.
+    buf: Vec<u8>,
 }
 
 /// Why a call failed, before it becomes an SDK error with the server's name.
@@ -241,6 +244,19 @@ impl Redis {
 
     /// Streams the value of `key` (expected to be `size` bytes) into `sink`.
     fn download(&mut self, key: &[u8], size: u64, sink: &OutputStream) -> Result<Result<(), Error>, Failure> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self.download_through(key, size, sink, &mut buf);
+        self.buf = buf;
+        result
+    }
+
+    fn download_through(
+        &mut self,
+        key: &[u8],
+        size: u64,
+        sink: &OutputStream,
+        buf: &mut Vec<u8>,
+    ) -> Result<Result<(), Error>, Failure> {
         let ttl = self.settings.ttl.unwrap_or(0).to_string();
         let command = resp::encode(&self.get_command(key, ttl.as_bytes()));
         let conn = self.connection()?;
@@ -258,7 +274,10 @@ impl Redis {
             )));
         }
         // Sizes are u64 and usize is 32 bits here: bound before converting.
-        let mut buf = vec![0u8; size.min(CHUNK as u64) as usize];
+        let chunk = size.min(CHUNK as u64) as usize;
+        if buf.len() < chunk {
+            buf.resize(chunk, 0);
+        }
         let mut left = size;
         while left > 0 {
             let n = left.min(CHUNK as u64) as usize;
@@ -458,7 +477,7 @@ impl Backend for Redis {
         let max_body = config.take_size("max-body", DEFAULT_MAX_BODY)?;
         config.finish()?;
         let settings = Settings { server, user, password, password_source, db, prefix, ttl, timeout, max_body };
-        Ok((Redis { settings, conn: None }, Capabilities { stores_bodies: true }))
+        Ok((Redis { settings, conn: None, buf: Vec::new() }, Capabilities { stores_bodies: true }))
     }
 
     fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
