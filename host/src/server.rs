@@ -783,8 +783,12 @@ fn prefetch(shared: &Arc<Shared>, worker: &mut Worker, item: Item) -> bool {
                 shared.record_locally(action_id, entry);
             }
             Err(CommitError::Io(e)) => shared.problems.report(Problem::Store, format!("local store: {e}")),
-            // Not what its entry says: the plugin's copy may still be good.
-            Err(_) => Stats::add(&shared.stats.rejected_bodies, 1),
+            // Not what its entry says: never stored, and worth a line, since
+            // something wrote a bad manifest; the plugin's copy may still be good.
+            Err(e) => {
+                Stats::add(&shared.stats.rejected_bodies, 1);
+                shared.problems.report(Problem::Plugin, format!("rejected a body carried in a manifest: {e}"));
+            }
         }
         return true;
     }
