@@ -383,24 +383,28 @@ impl Host {
         Ok(l)
     }
 
+    /// Closes the session; returns the host's peak RSS until then, in KiB.
     fn close(mut self) -> Result<u64> {
+        // Read before the close: the host exits right after answering it, and
+        // an exited process has no memory figures left to read.
+        let peak = peak_rss_kib(self.child.id())?;
         write!(self.stdin, "{{\"ID\":999999999,\"Command\":\"close\"}}\n\n")?;
         self.stdin.flush()?;
         self.line()?;
-        let peak = peak_rss_kib(self.child.id());
         drop(self.stdin);
         self.child.wait()?;
         Ok(peak)
     }
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+        .with_context(|| format!("no VmHWM in {path}"))
 }
 
 fn action(n: u64) -> String {
