@@ -242,6 +242,9 @@ pub enum OpenError {
     Failed(CallError),
 }
 
+/// WASI interfaces whose calls wasmtime-wasi runs through its tokio runtime.
+const ON_TOKIO: [&str; 3] = ["wasi:filesystem/", "wasi:sockets/", "wasi:http/"];
+
 /// The engine every plugin runs on: Cranelift, with epoch interruption so
 /// that a call running too long can be stopped, and a ticker advancing the
 /// epoch for as long as the engine lives.
@@ -273,11 +276,30 @@ fn component(engine: &Engine, source: &Source, artifact_dir: &std::path::Path) -
 impl Template {
     fn new(options: Options) -> Result<Template> {
         let engine = engine()?;
-        let component = component(&engine, &options.source, &options.artifact_dir)?;
-        let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
+        // Loading the component and defining WASI are independent and each
+        // takes a few hundred microseconds of every start: side by side.
+        let (component, linker) = std::thread::scope(|scope| {
+            let linking = scope.spawn(|| {
+                let mut linker = Linker::<HostState>::new(&engine);
+                wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map(|_| linker)
+            });
+            (component(&engine, &options.source, &options.artifact_dir), linking.join())
+        });
+        let component = component?;
+        let mut linker =
+            linker.map_err(|_| anyhow!("linking WASI panicked"))?.map_err(|e| anyhow!("linking WASI: {e}"))?;
         let imports: Vec<String> =
             component.component_type().imports(&engine).map(|(name, _)| name.to_string()).collect();
+        if imports.iter().any(|name| ON_TOKIO.iter().any(|prefix| name.starts_with(prefix))) {
+            // wasmtime-wasi creates that runtime on first use (worker threads,
+            // epoll: about 0.3 ms here): have it made while the first instance
+            // starts rather than inside the plugin's first call. Plugins that
+            // import none of these never pay for it. A thread that cannot
+            // start only loses the head start.
+            let _ = std::thread::Builder::new()
+                .name("wasi-runtime".into())
+                .spawn(|| wasmtime_wasi::runtime::in_tokio(async {}));
+        }
         let networked = imports.iter().any(|name| name.starts_with("wasi:http/") || name.starts_with("wasi:sockets/"));
         // Defining wasi:http costs start-up time on every run: only for those who use it.
         if imports.iter().any(|name| name.starts_with("wasi:http/")) {
