@@ -311,10 +311,9 @@ fn a_manifest_cannot_smuggle_in_a_wrong_body() {
     let manifest_id = sha256(&manifest);
     set_binary(&server, &format!("gocp/cas/{}", hex::encode(manifest_id)), &manifest);
     let first_get = [0x42u8; 32];
-    let mut pointer = b"gocp manifest pointer v1\0".to_vec();
-    pointer.extend_from_slice(&first_get);
+    let pointer = gocp_host::manifest::pointer_key(&first_get);
     let line = format!("v1 {} {} 1", hex::encode(manifest_id), manifest.len());
-    server.cli(&["SET", &format!("gocp/ac/{}", hex::encode(sha256(&pointer))), &line]);
+    server.cli(&["SET", &format!("gocp/ac/{}", hex::encode(pointer)), &line]);
 
     let stats = tmp.path().join("stats.json");
     let mut s = session(&tmp.path().join("b"), &backend, &["--stats-json", stats.to_str().unwrap()]);
