@@ -270,7 +270,7 @@ impl<'a> BodyDecoder<'a> {
             let take = take.min(chars.len());
             self.pending.extend_from_slice(&chars[..take]);
             chars = &chars[take..];
-            if self.pending.len() % 4 != 0 {
+            if !self.pending.len().is_multiple_of(4) {
                 return;
             }
             let quads = std::mem::take(&mut self.pending);

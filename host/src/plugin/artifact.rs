@@ -33,10 +33,9 @@ pub fn load(engine: &Engine, wasm: &[u8], wasm_sha256: &[u8; 32], dir: &Path) ->
         // SAFETY: the file is at the name this host derived for these exact
         // bytes and engine, in its own private directory, owned by this user
         // and not writable by others: it was written by `save` below.
-        match unsafe { Component::deserialize_file(engine, &path) } {
-            Ok(component) => return Ok(component),
-            // A damaged or stale artifact is rebuilt, never fatal.
-            Err(_) => {}
+        // A damaged or stale artifact is rebuilt below, never fatal.
+        if let Ok(component) = unsafe { Component::deserialize_file(engine, &path) } {
+            return Ok(component);
         }
     }
     check_is_component(wasm)?;

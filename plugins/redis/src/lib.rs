@@ -362,11 +362,20 @@ fn is_credentials_error(reply: &str) -> bool {
         .any(|p| reply.starts_with(p))
 }
 
-/// Parses `url` (and `password-env`) into where to connect and how to log in.
-fn parse_url(
-    url: &str,
-    password_env: Option<String>,
-) -> Result<(String, Option<String>, Option<String>, String, u32), Error> {
+/// Where to connect and how to log in, from `url` and `password-env`.
+#[derive(Debug)]
+struct Target {
+    /// `host:port`.
+    server: String,
+    user: Option<String>,
+    password: Option<String>,
+    /// Where the password came from, for messages that must not show it.
+    password_source: String,
+    db: u32,
+}
+
+/// Parses `url` (and `password-env`) into a `Target`.
+fn parse_url(url: &str, password_env: Option<String>) -> Result<Target, Error> {
     // Messages show the url with its password masked: they end up in build logs.
     let parsed = url::Url::parse(url)
         .map_err(|e| Error::InvalidConfig(format!("url: {e}; expected redis://[user:password@]host:port[/db]")))?;
@@ -413,7 +422,7 @@ fn parse_url(
     if user.is_some() && password.is_none() {
         return Err(invalid("a user without a password: add :PASSWORD to the url or use password-env=VAR"));
     }
-    Ok((server, user, password, source, db))
+    Ok(Target { server, user, password, password_source: source, db })
 }
 
 impl Backend for Redis {
@@ -457,7 +466,7 @@ impl Backend for Redis {
             )
         })?;
         let password_env = config.take("password-env");
-        let (server, user, password, password_source, db) = parse_url(&url, password_env)?;
+        let Target { server, user, password, password_source, db } = parse_url(&url, password_env)?;
         let prefix = config.take("prefix").unwrap_or_else(|| DEFAULT_PREFIX.into());
         let ttl = match config.take("ttl") {
             None => None,
@@ -554,20 +563,20 @@ export_backend!(Redis);
 mod tests {
     use super::*;
 
-    fn settings(url: &str) -> Result<(String, Option<String>, Option<String>, String, u32), Error> {
+    fn settings(url: &str) -> Result<Target, Error> {
         parse_url(url, None)
     }
 
     #[test]
     fn urls_parse_into_server_credentials_and_db() {
-        let (server, user, password, _, db) = settings("redis://127.0.0.1:6380").unwrap();
-        assert_eq!((server.as_str(), user, password, db), ("127.0.0.1:6380", None, None, 0));
-        assert_eq!(settings("redis://localhost").unwrap().0, "localhost:6379");
-        assert_eq!(settings("redis://[::1]:7000/3").unwrap().0, "[::1]:7000");
-        let (_, user, password, _, db) = settings("redis://ci:p%40ss@10.0.0.1:6379/2").unwrap();
-        assert_eq!((user.as_deref(), password.as_deref(), db), (Some("ci"), Some("p@ss"), 2));
-        let (_, user, password, _, _) = settings("redis://:secret@h:1").unwrap();
-        assert_eq!((user, password.as_deref()), (None, Some("secret")));
+        let t = settings("redis://127.0.0.1:6380").unwrap();
+        assert_eq!((t.server.as_str(), t.user, t.password, t.db), ("127.0.0.1:6380", None, None, 0));
+        assert_eq!(settings("redis://localhost").unwrap().server, "localhost:6379");
+        assert_eq!(settings("redis://[::1]:7000/3").unwrap().server, "[::1]:7000");
+        let t = settings("redis://ci:p%40ss@10.0.0.1:6379/2").unwrap();
+        assert_eq!((t.user.as_deref(), t.password.as_deref(), t.db), (Some("ci"), Some("p@ss"), 2));
+        let t = settings("redis://:secret@h:1").unwrap();
+        assert_eq!((t.user, t.password.as_deref()), (None, Some("secret")));
     }
 
     #[test]
