@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -36,8 +37,15 @@ pub use sandbox::{DirGrant, Grants, NetGrant};
 
 pub type Digest = [u8; 32];
 
-/// How often the engine's epoch advances: the resolution of call deadlines.
+/// How often the engine's epoch advances while a plugin call is running: the
+/// resolution of call deadlines.
 const TICK: Duration = Duration::from_millis(10);
+/// How often it advances while no call is running. The ticker is not woken
+/// when a call starts (that would cost a thread wake-up per request), so a
+/// call that starts meanwhile gets up to this much more than its budget;
+/// budgets are seconds, and an idle helper should not wake 100 times a second
+/// through a long build.
+const IDLE_TICK: Duration = Duration::from_millis(250);
 /// Bodies may take longer than small calls, but must keep at least this pace.
 const MIN_BODY_BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0;
 
@@ -167,6 +175,7 @@ pub const NETWORK_INSTANCES: usize = 16;
 /// Compiled code and settings shared by every instance of one plugin.
 pub struct Template {
     engine: Engine,
+    in_flight: InFlight,
     /// Whether the plugin imports wasi:http or wasi:sockets.
     networked: bool,
     pre: bindings::PluginPre<HostState>,
@@ -185,6 +194,32 @@ pub struct Instance {
     pub busy: Duration,
     /// Lets the pool's watchdog see a call stuck where no deadline reaches.
     watch: Option<Watch>,
+    in_flight: InFlight,
+}
+
+/// Plugin calls running now, across all instances: what tells the epoch
+/// ticker whether to tick fast.
+#[derive(Clone, Default)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self)
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Counts a call as running until dropped, however the call ends.
+struct InFlightGuard<'a>(&'a InFlight);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A loaded plugin: its description, what `open` said, and one instance
@@ -247,8 +282,9 @@ const ON_TOKIO: [&str; 3] = ["wasi:filesystem/", "wasi:sockets/", "wasi:http/"];
 
 /// The engine every plugin runs on: Cranelift, with epoch interruption so
 /// that a call running too long can be stopped, and a ticker advancing the
-/// epoch for as long as the engine lives.
-fn engine() -> Result<Engine> {
+/// epoch for as long as the engine lives (every `TICK` while `in_flight` has
+/// a call, every `IDLE_TICK` otherwise).
+fn engine(in_flight: InFlight) -> Result<Engine> {
     let mut config = wasmtime::Config::new();
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
     config.epoch_interruption(true);
@@ -260,7 +296,7 @@ fn engine() -> Result<Engine> {
             while let Some(engine) = weak.upgrade() {
                 engine.increment_epoch();
                 drop(engine);
-                std::thread::sleep(TICK);
+                std::thread::sleep(if in_flight.any() { TICK } else { IDLE_TICK });
             }
         })
         .context("starting the epoch thread")?;
@@ -275,7 +311,8 @@ fn component(engine: &Engine, source: &Source, artifact_dir: &std::path::Path) -
 
 impl Template {
     fn new(options: Options) -> Result<Template> {
-        let engine = engine()?;
+        let in_flight = InFlight::default();
+        let engine = engine(in_flight.clone())?;
         // Loading the component and defining WASI are independent and each
         // takes a few hundred microseconds of every start: side by side.
         let (component, linker) = std::thread::scope(|scope| {
@@ -312,7 +349,7 @@ impl Template {
             .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
         let state_dir = options.state_root.join(options.source.state_dir_name());
         let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout);
-        Ok(Template { engine, networked, pre, options, sandbox })
+        Ok(Template { engine, in_flight, networked, pre, options, sandbox })
     }
 
     /// A fresh instance, and the plugin's description.
@@ -335,6 +372,7 @@ impl Template {
             dead: false,
             busy: Duration::ZERO,
             watch: None,
+            in_flight: self.in_flight.clone(),
         };
         let info = instance.describe().map_err(|e| anyhow!("describe: {e}"))?;
         Ok((instance, info))
@@ -381,7 +419,9 @@ impl Instance {
             watch.arm(budget);
         }
         let started = Instant::now();
+        let in_flight = self.in_flight.enter();
         let result = f(&self.plugin, &mut self.store);
+        drop(in_flight);
         self.busy += started.elapsed();
         if let Some(watch) = &self.watch {
             watch.disarm();

@@ -25,7 +25,9 @@ use super::{CallError, Instance, Template};
 /// Extra time a call gets beyond its own deadline before the watchdog steps
 /// in: epoch interruption normally ends it first, and more cleanly.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(1);
-const WATCHDOG_PERIOD: Duration = Duration::from_millis(25);
+/// How often the watchdog looks: short against the grace, and long enough that
+/// a helper waiting through a long build is not woken 40 times a second.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
 
 type OnStuck = Box<dyn FnOnce() + Send>;
 
