@@ -40,13 +40,7 @@ const ASKING_FOR_BODY: &str = "asking for a body";
 const CHUNK: usize = 1 << 20;
 
 struct Settings {
-    /// `host:port` as the user wrote it, for connecting and for messages.
-    server: String,
-    user: Option<String>,
-    password: Option<String>,
-    /// Where the password came from, for the message when it is refused.
-    password_source: String,
-    db: u32,
+    target: Target,
     prefix: String,
     /// Seconds; `None` keeps keys until Redis evicts them.
     ttl: Option<u64>,
@@ -102,7 +96,7 @@ impl Redis {
     /// what to change where there is something to change.
     fn error(&self, failure: Failure) -> Error {
         let s = &self.settings;
-        let server = &s.server;
+        let server = &s.target.server;
         match failure {
             Failure::Io { doing, error } => {
                 let cause = match error.kind() {
@@ -118,7 +112,7 @@ impl Redis {
             }
             Failure::Refused(reply) if is_credentials_error(&reply) => Error::Unavailable(format!(
                 "redis at {server} refused the credentials ({reply}): check the user and password in {}",
-                s.password_source
+                s.target.password_source
             )),
             Failure::Refused(reply) if reply.starts_with("WRONGTYPE") => {
                 Error::Broken(format!("redis at {server}: a key under prefix {:?} is not a string: {reply}", s.prefix))
@@ -298,7 +292,7 @@ impl Redis {
 /// authenticates and selects the database.
 fn connect(s: &Settings) -> Result<BufReader<TcpStream>, Failure> {
     let addrs: Vec<SocketAddr> =
-        s.server.to_socket_addrs().map_err(Failure::io("looking up the server's address"))?.collect();
+        s.target.server.to_socket_addrs().map_err(Failure::io("looking up the server's address"))?.collect();
     let mut last = io::Error::new(ErrorKind::NotFound, "the name resolved to no address");
     let mut stream = None;
     for addr in addrs {
@@ -316,15 +310,15 @@ fn connect(s: &Settings) -> Result<BufReader<TcpStream>, Failure> {
     let mut conn = BufReader::with_capacity(64 << 10, stream);
     let mut hello = Vec::new();
     let mut replies = 0;
-    if let Some(password) = &s.password {
-        hello.extend(match &s.user {
+    if let Some(password) = &s.target.password {
+        hello.extend(match &s.target.user {
             Some(user) => resp::encode(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
             None => resp::encode(&[b"AUTH", password.as_bytes()]),
         });
         replies += 1;
     }
-    if s.db != 0 {
-        hello.extend(resp::encode(&[b"SELECT", s.db.to_string().as_bytes()]));
+    if s.target.db != 0 {
+        hello.extend(resp::encode(&[b"SELECT", s.target.db.to_string().as_bytes()]));
         replies += 1;
     }
     if replies == 0 {
@@ -365,11 +359,12 @@ fn is_credentials_error(reply: &str) -> bool {
 /// Where to connect and how to log in, from `url` and `password-env`.
 #[derive(Debug)]
 struct Target {
-    /// `host:port`.
+    /// `host:port` as the user wrote it, for connecting and for messages.
     server: String,
     user: Option<String>,
     password: Option<String>,
-    /// Where the password came from, for messages that must not show it.
+    /// Where the password came from, for the message when it is refused
+    /// (messages never show the password itself).
     password_source: String,
     db: u32,
 }
@@ -466,7 +461,7 @@ impl Backend for Redis {
             )
         })?;
         let password_env = config.take("password-env");
-        let Target { server, user, password, password_source, db } = parse_url(&url, password_env)?;
+        let target = parse_url(&url, password_env)?;
         let prefix = config.take("prefix").unwrap_or_else(|| DEFAULT_PREFIX.into());
         let ttl = match config.take("ttl") {
             None => None,
@@ -485,7 +480,7 @@ impl Backend for Redis {
         }
         let max_body = config.take_size("max-body", DEFAULT_MAX_BODY)?;
         config.finish()?;
-        let settings = Settings { server, user, password, password_source, db, prefix, ttl, timeout, max_body };
+        let settings = Settings { target, prefix, ttl, timeout, max_body };
         Ok((Redis { settings, conn: None, buf: Vec::new() }, Capabilities { stores_bodies: true }))
     }
 
@@ -501,7 +496,7 @@ impl Backend for Redis {
         let entry = std::str::from_utf8(&text).ok().and_then(Entry::parse).ok_or_else(|| {
             Error::Broken(format!(
                 "redis at {}: {} does not hold an entry: {:?}",
-                self.settings.server,
+                self.settings.target.server,
                 String::from_utf8_lossy(&key),
                 String::from_utf8_lossy(&text)
             ))
