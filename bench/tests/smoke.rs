@@ -19,11 +19,7 @@ fn a_quick_run_prints_every_figure() {
     );
     let out = Command::new(&bench).arg("--quick").arg("--host").arg(&host).output().expect("running gocp-bench");
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "gocp-bench --quick failed:\n{table}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "gocp-bench --quick failed:\n{table}\n{}", String::from_utf8_lossy(&out.stderr));
 
     let rows: Vec<Vec<&str>> = table
         .lines()
@@ -48,7 +44,8 @@ fn a_quick_run_prints_every_figure() {
     }
     for row in &rows {
         assert_eq!(row.len(), 7, "a row without the table's seven columns: {row:?}");
-        let value: f64 = row[3].parse().unwrap_or_else(|_| panic!("value {:?} of {:?} is not a number", row[3], row[0]));
+        let value: f64 =
+            row[3].parse().unwrap_or_else(|_| panic!("value {:?} of {:?} is not a number", row[3], row[0]));
         assert!(value.is_finite() && value > 0.0, "value {value} of {:?}", row[0]);
         assert!(["ok", "goal", "MISSED", "-"].contains(&row[6]), "verdict {:?} of {:?}", row[6], row[0]);
     }
