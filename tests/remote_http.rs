@@ -243,3 +243,29 @@ fn starting_never_contacts_the_server() {
     let (status, _, stderr) = s.finish();
     assert!(status.success() && !stderr.contains("gocp"), "{stderr}");
 }
+
+/// Every plugin instance makes the collections before its first upload, so on
+/// a plain WebDAV server the instances of a busy first session race for the
+/// same ones. WsgiDAV answers 500 to the loser when the collection appeared
+/// between its check and its mkdir; that must cost nothing: no line for the
+/// user, and every entry uploaded. The race is not certain in one session,
+/// hence several, each in a namespace of its own.
+#[test]
+fn webdav_instances_racing_to_make_the_collections_lose_no_upload() {
+    let server = WsgiDav::start();
+    let tmp = tempfile::tempdir().unwrap();
+    for round in 0..6u8 {
+        let backend = server.backend_at(&format!("/race{round}"), "correct-horse");
+        session(&backend, &tmp.path().join(format!("machine{round}")), &["--instances", "8"], |s| {
+            for i in 0..16u8 {
+                s.send_put(i64::from(i) + 1, &[i + 1; 32], &[round, i]);
+            }
+            for _ in 0..16 {
+                assert!(s.recv()["DiskPath"].is_string());
+            }
+            Value::Null
+        });
+        let entries = fs::read_dir(server.data().join(format!("race{round}/ac"))).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(entries, 16, "round {round}: every entry reached the server");
+    }
+}

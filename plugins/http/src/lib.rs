@@ -118,8 +118,17 @@ impl Http {
         for segment in full.split('/').filter(|s| !s.is_empty()) {
             path.push_str(segment);
             path.push('/');
-            let response = self.send(Method::Other("MKCOL".into()), &path, Body::Empty)?;
-            match response.status {
+            let mut status = self.send(Method::Other("MKCOL".into()), &path, Body::Empty)?.status;
+            if (500..=599).contains(&status) {
+                // Other instances make the same collections at the same
+                // moment, and a server may fail the one that loses the race
+                // (WsgiDAV answers 500 when the collection appeared between
+                // its check and its mkdir). Asked again, it sees the
+                // collection and answers 405; a server really in trouble
+                // fails again.
+                status = self.send(Method::Other("MKCOL".into()), &path, Body::Empty)?.status;
+            }
+            match status {
                 // Made now, or already there (RFC 4918 answers 405 for an existing one).
                 200..=299 | 405 => {}
                 s => return Err(self.refused("MKCOL", &path, s)),
