@@ -118,7 +118,8 @@ impl Http {
         for segment in full.split('/').filter(|s| !s.is_empty()) {
             path.push_str(segment);
             path.push('/');
-            let mut status = self.send(Method::Other("MKCOL".into()), &path, Body::Empty)?.status;
+            let mkcol = || self.send(Method::Other("MKCOL".into()), &path, Body::Empty).map(|r| r.status);
+            let mut status = mkcol()?;
             if (500..=599).contains(&status) {
                 // Other instances make the same collections at the same
                 // moment, and a server may fail the one that loses the race
@@ -126,7 +127,7 @@ impl Http {
                 // its check and its mkdir). Asked again, it sees the
                 // collection and answers 405; a server really in trouble
                 // fails again.
-                status = self.send(Method::Other("MKCOL".into()), &path, Body::Empty)?.status;
+                status = mkcol()?;
             }
             match status {
                 // Made now, or already there (RFC 4918 answers 405 for an existing one).
