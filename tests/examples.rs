@@ -240,7 +240,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The SDK's own tests (plain Go: configuration, entries, errors, call
-/// checks), and `go vet` of its WebAssembly side, which only builds for wasip1.
+/// checks), and `go vet` of its hand-written WebAssembly side, which only
+/// builds for wasip1 (the generated glue converts between integers and
+/// pointers throughout, as the canonical ABI does, which vet flags).
 #[test]
 fn go_sdk_unit_tests_and_vet_pass() {
     require_go();
@@ -250,7 +252,7 @@ fn go_sdk_unit_tests_and_vet_pass() {
     let tested = run_bounded(test, BUILD_TIMEOUT, "go test in sdk/go");
     assert!(tested.success, "{}{}", tested.stdout, tested.stderr);
     let mut vet = Command::new("go");
-    vet.args(["vet", "./..."])
+    vet.args(["vet", ".", "./internal/wit/export_gocp_cache_backend"])
         .current_dir(&sdk)
         .env("GOOS", "wasip1")
         .env("GOARCH", "wasm")
