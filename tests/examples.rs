@@ -248,7 +248,7 @@ fn go_sdk_unit_tests_and_vet_pass() {
     require_go();
     let sdk = repository_root().join("sdk/go");
     let mut test = Command::new("go");
-    test.args(["test", "-count=1", "."]).current_dir(&sdk).env("GOWORK", "off").env("GOTOOLCHAIN", "local");
+    test.args(["test", "-count=1", "."]).current_dir(&sdk).env("GOWORK", "off");
     let tested = run_bounded(test, BUILD_TIMEOUT, "go test in sdk/go");
     assert!(tested.success, "{}{}", tested.stdout, tested.stderr);
     let mut vet = Command::new("go");
@@ -256,8 +256,7 @@ fn go_sdk_unit_tests_and_vet_pass() {
         .current_dir(&sdk)
         .env("GOOS", "wasip1")
         .env("GOARCH", "wasm")
-        .env("GOWORK", "off")
-        .env("GOTOOLCHAIN", "local");
+        .env("GOWORK", "off");
     let vetted = run_bounded(vet, BUILD_TIMEOUT, "go vet in sdk/go (wasip1)");
     assert!(vetted.success, "{}{}", vetted.stdout, vetted.stderr);
 }

@@ -1,3 +1,4 @@
+// go-dir, a gocp plugin in Go: the module build.sh builds into a component.
 module gocp-example/go-dir
 
 go 1.25
