@@ -38,6 +38,8 @@ func callOpen(pairs [][2]string) (Capabilities, error) {
 	for _, p := range pairs {
 		if !known[p[0]] {
 			unknown = append(unknown, p[0])
+			// Named once, however often it was given.
+			known[p[0]] = true
 		}
 	}
 	if len(unknown) > 0 {

@@ -162,7 +162,7 @@ func withBackend(t *testing.T, b Backend) {
 func TestUndeclaredKeysAreRejectedBeforeOpen(t *testing.T) {
 	r := &recorder{}
 	withBackend(t, r)
-	_, err := callOpen([][2]string{{"path", "/p"}, {"colour", "red"}, {"size", "1"}})
+	_, err := callOpen([][2]string{{"path", "/p"}, {"colour", "red"}, {"size", "1"}, {"colour", "blue"}})
 	kind, text := kindOf(err)
 	if kind != KindInvalidConfig || text != "unknown configuration key(s): colour, size (rec accepts only path, url)" {
 		t.Fatalf("got %v %q", kind, text)
