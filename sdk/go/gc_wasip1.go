@@ -2,11 +2,11 @@
 //
 // The host hands lists to the plugin (config strings, digests, every chunk
 // that blocking-read returns) by calling the exported cabi_realloc, which
-// allocates on the Go heap. An allocation may start or finish a collection,
-// and a collection reads the wall clock, an import; the component model
-// forbids calling imports from inside cabi_realloc, so the instance traps
-// ("cannot leave component instance") and is lost, typically after some
-// megabytes of bodies. So the automatic collector is off, and the SDK
+// allocates on the Go heap. An allocation may run a collection, and a
+// collection calls WASI (the clock; poll_oneoff while its workers wait); the
+// component model forbids calling imports from inside cabi_realloc, so the
+// instance traps ("cannot leave component instance") and is lost, typically
+// after some megabytes of bodies. So the automatic collector is off, and the SDK
 // collects itself, at points outside cabi_realloc: at the end of every call,
 // and while a body is being read, whenever the heap has grown enough since the
 // last collection to be worth one (the rule GOGC=100 applies, with a floor).
