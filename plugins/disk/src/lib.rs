@@ -3,14 +3,14 @@
 //! Layout under its root (`/state` unless `path` says otherwise):
 //! - `entries/<2 hex>/<64 hex action id>`: one line, `v1 <output hex> <size> <put time ns>`.
 //! - `bodies/<2 hex>/<64 hex output id>`: the body, only when bodies are stored.
-//! - `last-trim`: when trimming last ran (nanoseconds since the epoch).
+//! - `last-trim`, `trim-pass`, `trim.lock`: trimming's own state (see `trim`).
 //!
 //! Every file appears by rename of a complete temporary file in the same
 //! directory, so several go commands (and several instances) can share one
 //! directory without locks: readers see a whole old file or a whole new one.
 //! File times record use (refreshed at most hourly, as Go's own cache does), and
 //! trimming removes what went unused for `max-age` and, with bodies, the least
-//! recently used bodies beyond `max-size`.
+//! recently used bodies beyond `max-size`, a bounded step at each `finish`.
 //!
 //! In the default setup the host already keeps every body on this same disk, so
 //! the plugin keeps entries only: storing bodies again would double the disk
@@ -26,6 +26,8 @@ use std::hash::BuildHasher;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+mod trim;
 
 use wasip2::filesystem::preopens::get_directories;
 use wasip2::filesystem::types::{Descriptor, DescriptorFlags, ErrorCode, NewTimestamp, OpenFlags, PathFlags};
@@ -103,44 +105,6 @@ impl Disk {
             let _ = fs::remove_file(&tmp);
         }
         renamed
-    }
-
-    fn trim(&self) -> Result<(), Error> {
-        let now = SystemTime::now();
-        let marker = self.root.join("last-trim");
-        if let Ok(text) = fs::read_to_string(&marker)
-            && let Ok(ns) = text.trim().parse::<u64>()
-            && now.duration_since(UNIX_EPOCH + Duration::from_nanos(ns)).unwrap_or_default() < self.trim_interval
-        {
-            return Ok(());
-        }
-        // Claim this trim before doing it, so that concurrent finishers skip it.
-        fs::write(&marker, nanos(now).to_string()).map_err(|e| Error::broken("writing last-trim", e))?;
-
-        let cutoff = now.checked_sub(self.max_age).unwrap_or(UNIX_EPOCH);
-        // Temporary files older than an hour were left by a process that was killed.
-        let tmp_cutoff = now.checked_sub(TOUCH_INTERVAL).unwrap_or(UNIX_EPOCH);
-        let entries = list_files(&self.root.join("entries"))?;
-        for (path, meta) in &entries {
-            let modified = meta.modified().unwrap_or(UNIX_EPOCH);
-            if modified < cutoff || (is_tmp(path) && modified < tmp_cutoff) {
-                remove_if_present(path)?;
-            }
-        }
-        if !self.bodies {
-            return Ok(());
-        }
-        let mut bodies = list_files(&self.root.join("bodies"))?;
-        bodies.sort_by_key(|(_, meta)| meta.modified().unwrap_or(UNIX_EPOCH));
-        let mut total: u64 = bodies.iter().map(|(_, m)| m.len()).sum();
-        for (path, meta) in &bodies {
-            let modified = meta.modified().unwrap_or(UNIX_EPOCH);
-            if modified < cutoff || total > self.max_size || (is_tmp(path) && modified < tmp_cutoff) {
-                remove_if_present(path)?;
-                total -= meta.len();
-            }
-        }
-        Ok(())
     }
 }
 
@@ -268,16 +232,18 @@ impl Backend for Disk {
     }
 
     fn finish(&mut self) -> Result<(), Error> {
-        self.trim()
+        let limits = trim::Limits {
+            max_age: self.max_age,
+            max_size: self.max_size,
+            interval: self.trim_interval,
+            bodies: self.bodies,
+        };
+        trim::step(&self.root, &limits)
     }
 }
 
 fn key(name: &str, help: &str) -> ConfigKey {
     ConfigKey { name: name.into(), help: help.into() }
-}
-
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Whether a file's modification time is old enough that a use should
@@ -299,39 +265,6 @@ fn locate(root: &Path) -> Option<(Descriptor, String)> {
         })
         .max_by_key(|(len, _, _)| *len)
         .map(|(_, dir, relative)| (dir, relative))
-}
-
-/// Every file two levels below `dir` (the shard layout), with its metadata.
-fn list_files(dir: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>, Error> {
-    let mut out = Vec::new();
-    let shards = match fs::read_dir(dir) {
-        Ok(s) => s,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::broken(&format!("listing {}", dir.display()), e)),
-    };
-    for shard in shards.flatten() {
-        let Ok(files) = fs::read_dir(shard.path()) else { continue };
-        for file in files.flatten() {
-            if let Ok(meta) = file.metadata()
-                && meta.is_file()
-            {
-                out.push((file.path(), meta));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn is_tmp(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-"))
-}
-
-fn remove_if_present(path: &Path) -> Result<(), Error> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::broken(&format!("removing {}", path.display()), e)),
-    }
 }
 
 export_backend!(Disk);
