@@ -124,11 +124,15 @@ fn trimming_removes_what_went_unused() {
     put_and_close(&base, 1, &vec![1u8; 40_000]);
     put_and_close(&base, 2, &vec![2u8; 40_000]);
     put_and_close(&base, 3, &vec![3u8; 40_000]);
-    // Entry 1 and its body went unused for ten days.
+    // Entry 1 and its body went unused for ten days, body 2 for three hours
+    // (uses refresh times hourly, so hours are as fine as the order gets).
     for p in files_under(shared.path()) {
         let name = p.file_name().unwrap().to_str().unwrap().to_string();
         if name == hex::encode([1u8; 32]) || name == hex::encode(sha256(&vec![1u8; 40_000])) {
             age(&p, Duration::from_secs(10 * 86_400));
+        }
+        if name == hex::encode(sha256(&vec![2u8; 40_000])) {
+            age(&p, Duration::from_secs(3 * 3600));
         }
     }
     let mut trim = base.to_vec();
@@ -149,6 +153,90 @@ fn trimming_removes_what_went_unused() {
             .count()
     };
     assert_eq!(objects(), 3);
+    // Outputs used within the last hour are never trimmed (a go command may
+    // still read them), so these two went unused for longer.
+    for (n, ago) in [(1u8, 10 * 86_400), (2, 3 * 3600)] {
+        let object = hex::encode(sha256(&vec![n; 40_000]));
+        age(&state.path().join("objects").join(&object[..2]).join(&object), Duration::from_secs(ago));
+    }
     put_and_close(&["--dir", d, "--max-size", "50000", "--trim-interval", "0s"], 5, b"");
     assert!(objects() <= 2, "local store trimmed to its size bound");
+}
+
+/// Entries under `dir` (the disk plugin's layout) written by hand, as weeks
+/// of builds would leave them: `n` of them, unused for ten days.
+fn stale_entries(dir: &Path, n: u32) {
+    let old = filetime::FileTime::from_system_time(SystemTime::now() - Duration::from_secs(10 * 86_400));
+    for shard in 0..256 {
+        fs::create_dir_all(dir.join("entries").join(format!("{shard:02x}"))).unwrap();
+    }
+    for i in 0..n {
+        let name = hex::encode(sha256(&i.to_le_bytes()));
+        let path = dir.join("entries").join(&name[..2]).join(&name);
+        fs::write(&path, format!("v1 {} 4 1\n", "ab".repeat(32))).unwrap();
+        filetime::set_file_mtime(&path, old).unwrap();
+    }
+}
+
+#[test]
+fn trimming_a_large_directory_makes_progress_at_every_run() {
+    let shared = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let stats = state.path().join("stats.json");
+    let n = 60_000;
+    stale_entries(shared.path(), n);
+    let grant = format!("{}:/shared", shared.path().display());
+    // More files than one finish call can even list within its deadline.
+    let args = [
+        "--dir",
+        state.path().to_str().unwrap(),
+        "--stats-json",
+        stats.to_str().unwrap(),
+        "--allow-dir",
+        &grant,
+        "--config",
+        "path=/shared",
+        "--config",
+        "trim-interval=1s",
+        "--plugin-timeout",
+        "1s",
+        "--instances",
+        "2",
+    ];
+    let left = || files_under(&shared.path().join("entries")).len();
+    let mut counts = vec![left()];
+    let mut said_behind = 0;
+    for _ in 0..80 {
+        let (mut s, _) = Session::start(&args);
+        s.send_close(1);
+        s.recv();
+        let (status, _, stderr) = s.finish();
+        assert!(status.success(), "{stderr}");
+        let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+        assert_eq!((st["plugin_stuck"].as_u64(), st["plugin_timeouts"].as_u64()), (Some(0), Some(0)), "{st}");
+        said_behind += stderr.lines().filter(|l| l.contains("is behind")).count();
+        assert!(stderr.lines().all(|l| l.contains("is behind")), "{stderr}");
+        counts.push(left());
+        if left() == 0 {
+            break;
+        }
+        let last = &counts[counts.len() - 2..];
+        assert!(last[1] < last[0], "a run made no progress: {counts:?}");
+    }
+    assert_eq!(left(), 0, "all {n} stale entries trimmed, a step per run: {counts:?}");
+    assert!(counts.len() > 2, "in several runs, each within its deadline: {counts:?}");
+    assert!(said_behind >= 1, "a pass longer than the trim interval is said: {counts:?}");
+}
+
+#[test]
+fn a_last_trim_in_the_future_does_not_stop_the_plugin_trimming() {
+    let shared = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    stale_entries(shared.path(), 1000);
+    let future = SystemTime::now() + Duration::from_secs(86_400);
+    let ns = future.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    fs::write(shared.path().join("last-trim"), ns.to_string()).unwrap();
+    let grant = format!("{}:/shared", shared.path().display());
+    get_and_close(&["--dir", state.path().to_str().unwrap(), "--allow-dir", &grant, "--config", "path=/shared"], 1);
+    assert_eq!(files_under(&shared.path().join("entries")).len(), 0, "unused for 10 days: trimmed");
 }

@@ -1,13 +1,18 @@
-//! Loading plugins: mistakes fail fast with one clear line, compiled plugins
-//! are reused between runs and rebuilt when they cannot be trusted.
+//! Loading plugins and reading the configuration: mistakes fail fast with one
+//! clear line, what CI templates produce (empty variables, odd spacing) does
+//! not, compiled plugins are reused between runs and rebuilt when they cannot
+//! be trusted, and starting never waits on DNS.
 
 mod support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::dns::SilentResolver;
 use support::*;
 
 /// Runs gocp-host expecting a start-up failure; returns its one stderr line.
@@ -62,8 +67,13 @@ fn a_component_of_another_world_is_refused() {
     assert!(e.contains("not a gocp plugin"), "{e}");
 }
 
+/// The compiled plugins under a state directory (not their checksums).
 fn artifacts(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("compiled")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("compiled"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
     v.sort();
     v
 }
@@ -98,6 +108,17 @@ fn compiled_plugins_are_reused_and_rebuilt_when_untrustworthy() {
     serve_one_get(dir.path());
     assert!(fs::metadata(path).unwrap().len() > 1000, "rebuilt");
 
+    // Damaged where only running it would tell (its headers intact): a
+    // flipped bit in machine code must never crash every go command.
+    let mut code = fs::read(path).unwrap();
+    let len = code.len();
+    for b in &mut code[len / 4..len / 2] {
+        *b ^= 0xff;
+    }
+    fs::write(path, &code).unwrap();
+    serve_one_get(dir.path());
+    assert_ne!(fs::read(path).unwrap(), code, "rebuilt");
+
     // Writable by others: not trusted, so replaced by a fresh private one.
     fs::set_permissions(path, fs::Permissions::from_mode(0o666)).unwrap();
     let before = fs::metadata(path).unwrap().ino();
@@ -105,6 +126,118 @@ fn compiled_plugins_are_reused_and_rebuilt_when_untrustworthy() {
     let after = fs::metadata(path).unwrap();
     assert_ne!(after.ino(), before, "replaced");
     assert_eq!(after.mode() & 0o077, 0);
+}
+
+#[test]
+fn grants_over_the_state_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    fs::create_dir_all(state.join("objects")).unwrap();
+    let d = state.to_str().unwrap();
+    for grant in [d.to_string(), format!("{d}/objects:/x"), "/".into(), format!("{}:/up:ro", dir.path().display())] {
+        let e = fails_to_start(&["--dir", d, "--allow-dir", &grant]);
+        assert!(e.contains("overlaps the state directory"), "{grant}: {e}");
+    }
+}
+
+/// Serves one put and one get with `cmd` (a gocp-host command line), and
+/// closes: what every go command needs to work.
+fn serves(mut cmd: Command) {
+    cmd.stdin(std::process::Stdio::piped());
+    let (mut s, caps) = Session::start_command(cmd);
+    assert_eq!(caps["KnownCommands"], json!(["get", "put", "close"]), "{caps}");
+    s.send_put(1, &[3; 32], b"built");
+    assert!(s.recv()["DiskPath"].is_string());
+    s.send_get(2, &[3; 32]);
+    assert_eq!(s.recv()["Size"], json!(5));
+    s.send_close(3);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stderr, "", "quiet");
+}
+
+#[test]
+fn empty_variables_and_odd_spacing_do_not_fail_the_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = state.to_str().unwrap();
+    let help = text(&run_host(&["--help"]).stdout);
+    let mut vars: Vec<&str> = help.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).filter(|w| w.starts_with("GOCP_")).collect();
+    vars.sort();
+    vars.dedup();
+    assert!(vars.len() >= 15, "{vars:?}");
+    // GOCP_DIR is the one a test needs set; every other one empty, each
+    // alone and all at once, as a CI template leaves them.
+    let without_dir: Vec<&str> = vars.iter().copied().filter(|v| *v != "GOCP_DIR").collect();
+    let run = |empty: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear().env("GOCP_DIR", d);
+        for v in empty {
+            cmd.env(v, "");
+        }
+        serves(cmd);
+    };
+    for var in &without_dir {
+        run(&[var]);
+    }
+    run(&without_dir);
+    let mut blank_dir = Command::new(BIN);
+    blank_dir.env_clear().env("GOCP_DIR", " ").arg("--dir").arg(d);
+    serves(blank_dir);
+
+    // Lists split on any run of spaces, tabs or newlines.
+    let mut spaced = Command::new(BIN);
+    spaced.env_clear().env("GOCP_DIR", d).env("GOCP_CONFIG", " max-age=2d  \tmax-size=1GiB \n");
+    serves(spaced);
+
+    // A directory whose name holds a space: on the command line as one
+    // argument (the go command splits GOCACHEPROG with quotes), and quoted
+    // in the variable.
+    let shared = dir.path().join("build cache");
+    fs::create_dir(&shared).unwrap();
+    let grant = format!("{}:/shared", shared.display());
+    let mut flag = Command::new(BIN);
+    flag.env_clear().args(["--dir", d, "--allow-dir", &grant, "--config", "path=/shared"]);
+    serves(flag);
+    assert!(shared.join("bodies").is_dir(), "the plugin wrote into the granted directory");
+    let mut quoted = Command::new(BIN);
+    quoted.env_clear().env("GOCP_ALLOW_DIR", format!("'{grant}'")).env("GOCP_CONFIG", "path=/shared").args(["--dir", d]);
+    serves(quoted);
+
+    let out = Command::new(BIN).env_clear().env("GOCP_CONFIG", "path='/unterminated").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("GOCP_CONFIG: unterminated"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn starting_never_waits_on_dns() {
+    // A resolver that never answers (an offline laptop, a broken DNS), and
+    // a plugin granted names that only DNS could resolve.
+    let dns = SilentResolver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--plugin",
+        "http",
+        "--config",
+        "url=http://cache.gocp-test.example:8080",
+        "--allow-net",
+        "cache.gocp-test.example:8080",
+        "--allow-net",
+        "mirror.gocp-test.example:8080",
+    ];
+    let started = Instant::now();
+    let (mut s, caps) = Session::start_command(dns.command(BIN, &args));
+    let took = started.elapsed();
+    assert_eq!(caps["ID"], json!(0));
+    assert_eq!(dns.names(), Vec::<String>::new(), "nothing was resolved to start");
+    assert!(took < Duration::from_secs(2), "capabilities after {took:?}");
+    s.send_close(1);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
 }
 
 #[test]

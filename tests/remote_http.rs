@@ -269,3 +269,8 @@ fn webdav_instances_racing_to_make_the_collections_lose_no_upload() {
         assert_eq!(entries, 16, "round {round}: every entry reached the server");
     }
 }
+
+#[test]
+fn stalled_bodies_pause_the_plugin() {
+    remote::stalled_bodies(&Nginx::start());
+}

@@ -336,3 +336,8 @@ fn a_manifest_cannot_smuggle_in_a_wrong_body() {
     assert_eq!(stats["prefetched"], json!(0), "{stats}");
     assert_eq!(stats["hits_fetched"], json!(1), "the real body came from the server: {stats}");
 }
+
+#[test]
+fn stalled_bodies_pause_the_plugin() {
+    remote::stalled_bodies(&Redis::start());
+}

@@ -225,3 +225,8 @@ fn no_server_at_the_endpoint_is_named_in_one_line() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("connection refused") && lines[0].contains(address), "{}", lines[0]);
 }
+
+#[test]
+fn stalled_bodies_pause_the_plugin() {
+    remote::stalled_bodies(&Versitygw::start());
+}

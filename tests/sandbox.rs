@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::dns::SilentResolver;
 use support::*;
 
 /// A module of two packages without imports: builds in a second, so the
@@ -358,4 +359,136 @@ fn help_plugin_lists_configuration_imports_and_the_grants_they_need() {
         let line = help.lines().find(|l| l.contains(import)).unwrap_or_else(|| panic!("{import} missing:\n{help}"));
         assert!(line.contains(grant), "{line}");
     }
+}
+
+/// Stats written by a session that has ended.
+fn stats_of(path: &Path) -> Value {
+    serde_json::from_slice(&fs::read(path).expect("stats written")).unwrap()
+}
+
+/// Starts gocp-host on the hostile plugin doing `attack`, with `extra` flags,
+/// writing its statistics to `stats`.
+fn hostile_session(state: &Path, stats: &Path, attack: &str, extra: &[&str]) -> Session {
+    let plugin = test_plugin("hostile");
+    let attack = format!("attack={attack}");
+    let mut args = vec![
+        "--dir",
+        state.to_str().unwrap(),
+        "--stats-json",
+        stats.to_str().unwrap(),
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--config",
+        &attack,
+    ];
+    args.extend(extra);
+    Session::start(&args).0
+}
+
+#[test]
+fn a_backend_whose_bodies_stall_is_paused_too() {
+    // Entries answer, every body sends 1 KiB, stalls and fails: each get is
+    // one failure, so the breaker opens as it does for a backend that is down.
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let mut s = hostile_session(tmp.path(), &stats, "stall-body", &["--instances", "1"]);
+    for id in 1..=20 {
+        s.send_get(id, &sha256(&id.to_le_bytes()));
+        assert_eq!(s.recv()["Miss"], json!(true));
+    }
+    s.send_close(21);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    let st = stats_of(&stats);
+    assert!(count(&st, "breaker_trips") >= 1, "{st}");
+    assert!(count(&st, "skipped_while_paused") > 0, "{st}");
+    assert!(count(&st, "plugin_errors") < 20, "not every get paid for the stall: {st}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_claimed_body_size_buys_no_time() {
+    // The entry claims 400 MiB; 1 KiB arrives, then nothing. Only the bytes
+    // that move earn time beyond --plugin-timeout.
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let mut s = hostile_session(tmp.path(), &stats, "big-claim", &["--plugin-timeout", "300ms", "--instances", "1"]);
+    let started = Instant::now();
+    s.send_get(1, &sha256(b"a"));
+    assert_eq!(s.recv()["Miss"], json!(true));
+    let took = started.elapsed();
+    s.send_close(2);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    // The deadline (0.3 s) and the watchdog's grace and period (1-1.25 s);
+    // a deadline set by the claim would be 50 s.
+    assert!(took < Duration::from_secs(10), "a stalled 400 MiB claim held the get for {took:?}");
+    assert_eq!(count(&stats_of(&stats), "plugin_stuck"), 1);
+}
+
+#[test]
+fn a_plugin_that_cannot_start_costs_the_cache_not_the_build() {
+    require_go();
+    for attack in ["open-unavailable", "open-panic", "open-loop", "open-sleep"] {
+        let run = build_through(attack, &["--instances 2"], &[]);
+        let s = &run.stats;
+        assert_eq!(count(s, "gets"), count(s, "misses"), "attack={attack}: {s}");
+        assert!(count(s, "puts") > 0 && count(s, "put_failures") == 0, "kept locally: {s}");
+        let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("gocp:")).collect();
+        assert_eq!(lines.len(), 1, "attack={attack}: {lines:?}");
+        assert!(lines[0].contains("could not start"), "attack={attack}: {}", lines[0]);
+    }
+    // An instance replaced after a trap whose `open` then never returns:
+    // watched like any call, so the build goes on.
+    let run = build_through("later-opens-sleep", &["--instances 2"], &[]);
+    assert!(count(&run.stats, "plugin_stuck") >= 1, "{}", run.stats);
+    assert_eq!(count(&run.stats, "gets"), count(&run.stats, "misses"), "{}", run.stats);
+}
+
+#[test]
+fn only_granted_names_are_ever_looked_up() {
+    // With a grant for one peer, the plugin tries to resolve a name that
+    // would carry a secret to whoever runs the DNS, and the granted one.
+    let dns = SilentResolver::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = test_plugin("hostile");
+    let args = [
+        "--dir",
+        tmp.path().to_str().unwrap(),
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--config",
+        "attack=dns",
+        "--allow-net",
+        "127.0.0.1:9",
+        "--allow-net",
+        "localhost:9",
+    ];
+    let (s, _) = Session::start_command(dns.command(BIN, &args));
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    let report = fs::read_to_string(tmp.path().join("plugins/hostile/report")).unwrap();
+    let line = |what: &str| report.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("{what}?\n{report}"));
+    assert!(line("dns-ungranted:").contains("denied") && line("dns-ungranted:").contains("access-denied"), "{report}");
+    assert!(line("dns-granted:").contains("ALLOWED"), "{report}");
+    let asked = dns.names();
+    assert!(!asked.iter().any(|n| n.contains("hunter2")), "the name reached a resolver: {asked:?}");
+}
+
+#[test]
+fn plugin_messages_reach_the_terminal_as_one_plain_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let mut s = hostile_session(tmp.path(), &stats, "noisy-errors", &["--instances", "1"]);
+    s.send_get(1, &sha256(b"a"));
+    assert_eq!(s.recv()["Miss"], json!(true));
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{:?}", &stderr[..stderr.len().min(500)]);
+    assert!(lines[0].starts_with("gocp: plugin hostile: "), "{}", lines[0]);
+    assert!(!lines[0].chars().any(|c| c.is_control()), "escape sequences reached the terminal: {:?}", lines[0]);
+    assert!(lines[0].len() < 1000, "{} bytes", lines[0].len());
 }

@@ -18,6 +18,8 @@ pub struct Breaker {
 }
 
 struct State {
+    /// The plugin could not even be started: no call for the whole session.
+    held: bool,
     consecutive: u32,
     open: Option<Open>,
     next_pause: Duration,
@@ -35,7 +37,9 @@ struct Open {
 
 impl Default for Breaker {
     fn default() -> Self {
-        Breaker { state: Mutex::new(State { consecutive: 0, open: None, next_pause: FIRST_PAUSE, trips: 0 }) }
+        Breaker {
+            state: Mutex::new(State { held: false, consecutive: 0, open: None, next_pause: FIRST_PAUSE, trips: 0 }),
+        }
     }
 }
 
@@ -50,6 +54,9 @@ impl Breaker {
 
     fn allows_at(&self, now: Instant) -> bool {
         let mut state = self.state.lock().unwrap();
+        if state.held {
+            return false;
+        }
         match &mut state.open {
             None => true,
             Some(open) if now < open.until => false,
@@ -65,7 +72,12 @@ impl Breaker {
     /// never lets a probe through: for decisions made before the call itself.
     pub fn paused(&self) -> bool {
         let state = self.state.lock().unwrap();
-        state.open.as_ref().is_some_and(|open| Instant::now() < open.until)
+        state.held || state.open.as_ref().is_some_and(|open| Instant::now() < open.until)
+    }
+
+    /// Holds every call back for good: for a plugin that could not be started.
+    pub fn hold(&self) {
+        self.state.lock().unwrap().held = true;
     }
 
     pub fn success(&self) {

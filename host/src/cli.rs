@@ -10,14 +10,15 @@ use std::io::{self, BufReader, IsTerminal};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
-use clap::Parser;
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::local_entries::LocalEntries;
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::server::{self, Ending, Settings};
+use crate::sessions;
 use crate::stats::Summary;
 use crate::store::{Store, TrimPolicy};
 
@@ -34,8 +35,9 @@ Built-in plugins: disk (persistent, the default), memory (lasts one go command).
 A plugin sees only what is granted: its own directory (/state), --allow-dir grants,
 no environment, no network. Writing a plugin: see wit/gocp.wit in the source.
 
-Every option can also be set by the environment variable shown with it; options that
-repeat take several space-separated values there (GOCP_CONFIG=\"a=1 b=2\").";
+Every option can also be set by the environment variable shown with it (an empty one
+counts as unset); options that repeat take several space-separated values there,
+quoted like GOCACHEPROG when a value holds spaces (GOCP_CONFIG=\"a=1 'b=two words'\").";
 
 #[derive(Debug, Parser)]
 #[command(name = "gocp-host", version, about = ABOUT, after_help = AFTER_HELP)]
@@ -48,7 +50,7 @@ pub struct Cli {
     pub plugin: String,
 
     /// Configuration for the plugin (repeatable). Unknown keys are an error.
-    #[arg(global = true, long = "config", env = "GOCP_CONFIG", value_name = "KEY=VALUE", value_delimiter = ' ', value_parser = parse_key_value)]
+    #[arg(global = true, long = "config", env = "GOCP_CONFIG", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub config: Vec<(String, String)>,
 
     /// State directory: the local store of outputs, compiled plugins, plugin data.
@@ -58,15 +60,15 @@ pub struct Cli {
 
     /// Grant the plugin a directory, seen inside as GUEST (default: the same path);
     /// `:ro` makes it read-only (repeatable).
-    #[arg(global = true, long = "allow-dir", env = "GOCP_ALLOW_DIR", value_name = "HOST[:GUEST][:ro]", value_delimiter = ' ', value_parser = parse_dir_grant)]
+    #[arg(global = true, long = "allow-dir", env = "GOCP_ALLOW_DIR", value_name = "HOST[:GUEST][:ro]", value_parser = parse_dir_grant)]
     pub allow_dir: Vec<DirGrant>,
 
     /// Let the plugin read this environment variable, e.g. a credential (repeatable).
-    #[arg(global = true, long = "allow-env", env = "GOCP_ALLOW_ENV", value_name = "NAME", value_delimiter = ' ')]
+    #[arg(global = true, long = "allow-env", env = "GOCP_ALLOW_ENV", value_name = "NAME")]
     pub allow_env: Vec<String>,
 
     /// Let the plugin connect to HOST:PORT, over HTTP or TCP (repeatable).
-    #[arg(global = true, long = "allow-net", env = "GOCP_ALLOW_NET", value_name = "HOST:PORT", value_delimiter = ' ', value_parser = NetGrant::parse)]
+    #[arg(global = true, long = "allow-net", env = "GOCP_ALLOW_NET", value_name = "HOST:PORT", value_parser = NetGrant::parse)]
     pub allow_net: Vec<NetGrant>,
 
     /// Memory each plugin instance may use.
@@ -156,6 +158,43 @@ fn parse_dir_grant(s: &str) -> Result<DirGrant, String> {
     Ok(DirGrant { host: host.to_path_buf(), guest, read_only })
 }
 
+/// Refuses a granted directory that contains the state directory or lies
+/// inside it: the plugin could then rewrite the files the go command reads,
+/// the local entries, or the compiled code gocp loads.
+fn check_dir_grants(grants: &[DirGrant], state_dir: &Path) -> Result<()> {
+    let state = resolved(state_dir);
+    for grant in grants {
+        let granted = resolved(&grant.host);
+        if state.starts_with(&granted) || granted.starts_with(&state) {
+            bail!(
+                "--allow-dir {}: it overlaps the state directory {}, which only gocp may write; grant a directory outside it",
+                grant.host.display(),
+                state_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `path` made absolute, with symbolic links resolved as far as it exists.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        if let Ok(found) = existing.canonicalize() {
+            return missing.iter().rev().fold(found, |p, name| p.join(name));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
 fn default_dir() -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(xdg) => PathBuf::from(xdg),
@@ -167,14 +206,28 @@ fn default_dir() -> Result<PathBuf> {
     Ok(base.join("gocp"))
 }
 
-/// Parses the command line, serves one go command, and reports.
-pub fn run() -> Result<ExitCode> {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+/// The command line and the GOCP_* environment. An empty variable counts as
+/// unset: CI templates produce them, and one must not fail every build.
+/// Variables of repeated options are split here rather than by clap, since
+/// the command line must never be split (GOCACHEPROG already quoted it).
+/// `None` when clap printed what was asked (--help, --version).
+fn parse() -> Result<Option<Cli>> {
+    let mut command = Cli::command();
+    let with_env: Vec<(clap::Id, std::ffi::OsString, bool)> = command
+        .get_arguments()
+        .filter_map(|a| Some((a.get_id().clone(), a.get_env()?.to_owned(), matches!(a.get_action(), ArgAction::Append))))
+        .collect();
+    for (id, var, repeated) in with_env {
+        let Some(value) = std::env::var_os(&var) else { continue };
+        if repeated || value.to_str().is_some_and(|v| v.trim().is_empty()) {
+            command = command.mut_arg(id, |a| a.env(None));
+        }
+    }
+    let matches = match command.try_get_matches() {
+        Ok(m) => m,
         Err(e) if !e.use_stderr() => {
-            // --help and --version: requested output, not an error.
             e.print()?;
-            return Ok(ExitCode::SUCCESS);
+            return Ok(None);
         }
         Err(e) => {
             // clap's message spans several lines; the first says it all.
@@ -183,6 +236,63 @@ pub fn run() -> Result<ExitCode> {
             bail!("{}", first.trim_start_matches("error: "));
         }
     };
+    let mut cli = Cli::from_arg_matches(&matches).map_err(|e| anyhow!("{e}"))?;
+    // The words of a repeated option's variable, unless the command line gave the option.
+    let words = |id: &str, var: &str| -> Result<Option<Vec<String>>> {
+        if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+            return Ok(None);
+        }
+        let Some(value) = std::env::var_os(var) else { return Ok(None) };
+        let value = value.into_string().map_err(|_| anyhow!("{var} is not valid UTF-8"))?;
+        split_quoted(&value).map(Some).map_err(|e| anyhow!("{var}: {e}"))
+    };
+    fn each<T>(var: &str, words: Vec<String>, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>> {
+        words.iter().map(|w| parse(w).map_err(|e| anyhow!("{var}: {e}"))).collect()
+    }
+    if let Some(w) = words("config", "GOCP_CONFIG")? {
+        cli.config = each("GOCP_CONFIG", w, parse_key_value)?;
+    }
+    if let Some(w) = words("allow_dir", "GOCP_ALLOW_DIR")? {
+        cli.allow_dir = each("GOCP_ALLOW_DIR", w, parse_dir_grant)?;
+    }
+    if let Some(w) = words("allow_env", "GOCP_ALLOW_ENV")? {
+        cli.allow_env = w;
+    }
+    if let Some(w) = words("allow_net", "GOCP_ALLOW_NET")? {
+        cli.allow_net = each("GOCP_ALLOW_NET", w, NetGrant::parse)?;
+    }
+    Ok(Some(cli))
+}
+
+/// Splits an environment variable's value into words the way the go command
+/// splits GOCACHEPROG: whitespace separates, single or double quotes group,
+/// nothing is escaped.
+fn split_quoted(s: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quote: Option<char> = None;
+    for c in s.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => word.get_or_insert_with(String::new).push(c),
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                word.get_or_insert_with(String::new);
+            }
+            None if c.is_whitespace() => words.extend(word.take()),
+            None => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unterminated {q} quote in {s:?}"));
+    }
+    words.extend(word);
+    Ok(words)
+}
+
+/// Parses the command line, serves one go command, and reports.
+pub fn run() -> Result<ExitCode> {
+    let Some(cli) = parse()? else { return Ok(ExitCode::SUCCESS) };
     let spec = match &cli.command {
         Some(Subcommand::PluginTest { plugin: Some(p) }) => p.clone(),
         _ => cli.plugin.clone(),
@@ -201,6 +311,7 @@ pub fn run() -> Result<ExitCode> {
     if dir.to_str().is_none() {
         bail!("state directory {} is not valid UTF-8, which the go command needs", dir.display());
     }
+    check_dir_grants(&cli.allow_dir, &dir)?;
     if let Some(Subcommand::PluginTest { .. }) = cli.command {
         // A scratch /state: the checks write entries the user must not inherit.
         let scratch = tempfile::tempdir().context("creating a scratch state directory")?;
@@ -230,9 +341,15 @@ pub fn run() -> Result<ExitCode> {
             return Ok(exit_code(ending));
         }
     };
+    // Registers this session until the process ends, so that no trim removes
+    // what its go command was handed. Without it (a read-only sessions/),
+    // only the trim's recent-use window protects them.
+    let _lease = sessions::acquire(&dir, SystemTime::now()).ok();
     let plugin =
         Plugin::load(plugin_options(&cli, &spec, source, &dir, &dir.join("plugins"), cli.instances.map(usize::from)))?;
-    // Bodies kept elsewhere get a local tier of entries in front (see server).
+    // Bodies kept elsewhere get a local tier of entries in front (see
+    // server); so does a session whose plugin could not start, which keeps
+    // what it stores on this machine alone.
     let local = if plugin.capabilities.stores_bodies {
         match LocalEntries::open(&dir) {
             Ok(local) => Some(local),
@@ -249,6 +366,7 @@ pub fn run() -> Result<ExitCode> {
     let settings = Settings {
         trim: TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: cli.trim_interval },
         drain_timeout: cli.drain_timeout,
+        state_dir: dir.clone(),
     };
     let report = |summary: &Summary| {
         if cli.verbose {
@@ -335,6 +453,34 @@ mod tests {
             DirGrant { host: tmp.path().into(), guest: h.into(), read_only: false }
         );
         assert!(parse_dir_grant("/no/such/dir").unwrap_err().contains("not a directory"));
+    }
+
+    #[test]
+    fn grants_overlapping_the_state_directory_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(state.join("objects")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let grant = |p: &Path| DirGrant { host: p.into(), guest: "/g".into(), read_only: false };
+        for refused in [state.clone(), state.join("objects"), tmp.path().into(), PathBuf::from("/")] {
+            let e = check_dir_grants(&[grant(&refused)], &state).unwrap_err().to_string();
+            assert!(e.contains("overlaps the state directory"), "{e}");
+        }
+        // Through a symbolic link, and for a state directory not made yet.
+        std::os::unix::fs::symlink(&state, tmp.path().join("link")).unwrap();
+        assert!(check_dir_grants(&[grant(&tmp.path().join("link"))], &state).is_err());
+        assert!(check_dir_grants(&[grant(&other)], &tmp.path().join("other/new-state")).is_err());
+        assert!(check_dir_grants(&[grant(&other)], &state).is_ok());
+    }
+
+    #[test]
+    fn environment_lists_split_like_gocacheprog() {
+        assert_eq!(split_quoted("  a=1   b=2 ").unwrap(), ["a=1", "b=2"]);
+        assert_eq!(split_quoted("'/path/build cache:/shared' x").unwrap(), ["/path/build cache:/shared", "x"]);
+        assert_eq!(split_quoted(r#"k="two words" ''"#).unwrap(), ["k=two words", ""]);
+        assert!(split_quoted("'open").is_err());
+        assert!(split_quoted(" \t ").unwrap().is_empty());
     }
 
     #[test]

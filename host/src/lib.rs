@@ -13,5 +13,6 @@ pub mod manifest;
 pub mod plugin;
 pub mod protocol;
 pub mod server;
+pub mod sessions;
 pub mod stats;
 pub mod store;

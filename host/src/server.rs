@@ -50,14 +50,18 @@ use crate::breaker::Breaker;
 use crate::local_entries::LocalEntries;
 use crate::manifest::{self, Item, Recorder};
 use crate::plugin::{Body, CallError, Entry, Instance, Plugin, Worker};
+use crate::plugin::text;
 use crate::protocol::{
     BodyError, Command, DecodeError, Decoder, Digest, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS, format_time,
 };
+use crate::sessions;
 use crate::stats::{Stats, Summary};
 use crate::store::{CommitError, Store, TrimPolicy};
 
 pub struct Settings {
     pub trim: TrimPolicy,
+    /// The state directory, where running sessions are registered (see `sessions`).
+    pub state_dir: PathBuf,
     /// How long the plugin threads may take, at the end, to finish the request
     /// in hand (recording the last puts) and run `finish`.
     pub drain_timeout: Duration,
@@ -122,10 +126,12 @@ struct Shared {
 /// claim far beyond that is a broken plugin, not a cache entry.
 const MAX_PLUGIN_BODY: u64 = 64 << 30;
 
-/// Puts waiting to be recorded, at most; beyond, a put stays local only. Each
-/// holds its body's file open, and a go command must never run out of file
-/// descriptors because a remote is slow.
-const MAX_BACKLOG: usize = 256;
+/// Puts waiting to be recorded, at most, for a plugin that keeps bodies;
+/// beyond, a put stays local only (counted, and said once). Uploads that far
+/// behind would not finish within the drain timeout anyway. A plugin that
+/// keeps only entries records them as fast as a disk allows, and nothing is
+/// ever dropped for it.
+const MAX_BODY_BACKLOG: usize = 1 << 16;
 
 /// Serves one go command until it closes (or input ends or breaks), and
 /// hands `report` the session's figures just before answering close.
@@ -168,6 +174,10 @@ pub fn serve(
         ended: Condvar::new(),
     });
     shared.respond(Response::capabilities(KNOWN_COMMANDS));
+    if let Some(why) = &plugin.unavailable {
+        shared.breaker.hold();
+        shared.problems.report(Problem::Plugin, format!("could not start: {why}"));
+    }
 
     let body: Body = {
         let shared = shared.clone();
@@ -194,7 +204,7 @@ pub fn serve(
     }
     // After broken input the session is cut short: leave housekeeping to the next.
     if !matches!(ending, Ending::BadInput(_)) {
-        match shared.store.trim(&settings.trim) {
+        match shared.store.trim(&settings.trim, sessions::oldest_running(&settings.state_dir)) {
             Ok(report) if report.ran => {
                 if let Some(Err(e)) =
                     shared.local.as_ref().map(|l| l.trim(|e| shared.store.contains(&e.output_id, e.size)))
@@ -238,14 +248,12 @@ enum Next {
     Nothing,
 }
 
-/// A put answered to the go command, still to be recorded by the plugin.
+/// A put answered to the go command, still to be recorded by the plugin. Its
+/// body stays in the local store for the whole session: no trim removes what
+/// a running session stored (see `sessions`).
 struct Recording {
     action_id: Digest,
     entry: Entry,
-    /// The stored body, opened before the put was answered, for plugins that
-    /// keep bodies: once the go command has its answer the file may go (a
-    /// trim by another go command), and the plugin must still get the body.
-    body: Option<File>,
 }
 
 /// The loop each plugin thread runs until the session is over.
@@ -392,6 +400,7 @@ fn answer_get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Dig
         Some(instance) => lookup(shared, instance, id, &action_id),
         None => {
             shared.problems.report(Problem::Plugin, "the plugin could not be started again".into());
+            shared.breaker.outage();
             None
         }
     });
@@ -410,7 +419,9 @@ fn answer_get(shared: &Arc<Shared>, worker: &mut Worker, id: i64, action_id: Dig
     true
 }
 
-/// A hit's response and its entry, or `None` for a miss.
+/// A hit's response and its entry, or `None` for a miss. The whole get is
+/// one outcome for the breaker: an entry that answers followed by a body that
+/// fails is a failure, or a backend whose bodies stall would never be paused.
 fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest) -> Option<(Response, Entry)> {
     let entry = match instance.read_entry(action_id) {
         Ok(Some(entry)) if entry.size <= MAX_PLUGIN_BODY => entry,
@@ -427,17 +438,26 @@ fn lookup(shared: &Shared, instance: &mut Instance, id: i64, action_id: &Digest)
             return None;
         }
     };
-    shared.breaker.success();
     let path = match shared.store.lookup(&entry.output_id, entry.size) {
         Some(path) => path,
-        None if shared.stores_bodies => {
-            let path = fetch(shared, instance, &entry)?;
-            Stats::add(&shared.stats.hits_fetched, 1);
-            shared.plugin_has.lock().unwrap().insert(entry.output_id);
-            path
+        None if shared.stores_bodies => match fetch(shared, instance, &entry) {
+            Ok(Some(path)) => {
+                Stats::add(&shared.stats.hits_fetched, 1);
+                shared.plugin_has.lock().unwrap().insert(entry.output_id);
+                path
+            }
+            Ok(None) => {
+                shared.breaker.success();
+                return None;
+            }
+            Err(CallFailed) => return None,
+        },
+        None => {
+            shared.breaker.success();
+            return None;
         }
-        None => return None,
     };
+    shared.breaker.success();
     Some((hit(shared, id, &entry, path), entry))
 }
 
@@ -454,33 +474,39 @@ fn hit(shared: &Shared, id: i64, entry: &Entry, path: PathBuf) -> Response {
     }
 }
 
-/// Brings a body the plugin has into the local store, verified.
-fn fetch(shared: &Shared, instance: &mut Instance, entry: &Entry) -> Option<PathBuf> {
+/// A plugin call failed; it has been counted and reported.
+struct CallFailed;
+
+/// Brings a body the plugin has into the local store, verified. `Ok(None)`
+/// when it is not there to be had: the plugin does not have it, it was not
+/// what its entry says, or the local store failed (each reported as it
+/// deserves).
+fn fetch(shared: &Shared, instance: &mut Instance, entry: &Entry) -> Result<Option<PathBuf>, CallFailed> {
     let writer = match shared.store.begin() {
         Ok(w) => w,
         Err(e) => {
             shared.problems.report(Problem::Store, format!("local store: {e}"));
-            return None;
+            return Ok(None);
         }
     };
     let writer = match instance.read_body(&entry.output_id, entry.size, writer) {
         Ok(Ok(w)) => w,
-        Ok(Err(())) => return None,
+        Ok(Err(())) => return Ok(None),
         Err(e) => {
             shared.plugin_failed(&e);
-            return None;
+            return Err(CallFailed);
         }
     };
     match shared.store.commit(writer, &entry.output_id, entry.size) {
-        Ok(path) => Some(path),
+        Ok(path) => Ok(Some(path)),
         Err(CommitError::Io(e)) => {
             shared.problems.report(Problem::Store, format!("local store: {e}"));
-            None
+            Ok(None)
         }
         Err(e) => {
             Stats::add(&shared.stats.rejected_bodies, 1);
             shared.problems.report(Problem::Plugin, format!("rejected a body from the plugin: {e}"));
-            None
+            Ok(None)
         }
     }
 }
@@ -519,17 +545,6 @@ fn put(
         }
     };
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
-    let body = if shared.stores_bodies {
-        match File::open(&path) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                shared.problems.report(Problem::Store, format!("local store: reopening {}: {e}", path.display()));
-                None
-            }
-        }
-    } else {
-        None
-    };
     shared.respond(Response { id, disk_path: Some(path_string(path)), ..Default::default() });
     shared.record_locally(&action_id, &entry);
     if let Some(m) = &shared.manifest {
@@ -542,7 +557,7 @@ fn put(
         return Ok(Next::Nothing);
     }
     shared.pending.lock().unwrap().insert(action_id, entry);
-    Ok(Next::Record(Recording { action_id, entry, body }))
+    Ok(Next::Record(Recording { action_id, entry }))
 }
 
 /// Records a put now if fewer than `max_recording` threads are recording,
@@ -557,9 +572,13 @@ fn record_or_queue(shared: &Arc<Shared>, worker: &mut Worker, recording: Recordi
     }
     {
         let mut backlog = shared.backlog.lock().unwrap();
-        if backlog.len() >= MAX_BACKLOG {
+        if shared.stores_bodies && backlog.len() >= MAX_BODY_BACKLOG {
             drop(backlog);
-            Stats::add(&shared.stats.local_only_puts, 1);
+            Stats::add(&shared.stats.puts_not_recorded, 1);
+            shared.problems.report(
+                Problem::Plugin,
+                format!("{MAX_BODY_BACKLOG} puts are waiting to be recorded; further ones stay on this machine only"),
+            );
             shared.forget_pending(&recording.action_id, &recording.entry);
             return true;
         }
@@ -605,7 +624,7 @@ fn drain_backlog(shared: &Arc<Shared>, worker: &mut Worker) {
 
 /// Has the plugin record a put; false if the watchdog gave up on this thread.
 fn record(shared: &Arc<Shared>, worker: &mut Worker, recording: Recording) -> bool {
-    let Recording { action_id, entry, body } = recording;
+    let Recording { action_id, entry } = recording;
     let forget = {
         let shared = shared.clone();
         move || shared.forget_pending(&action_id, &entry)
@@ -617,32 +636,27 @@ fn record(shared: &Arc<Shared>, worker: &mut Worker, recording: Recording) -> bo
             forget();
         }
     };
-    let done = worker.with_instance(on_stuck, |instance| record_with(shared, instance, &action_id, &entry, body));
+    let done = worker.with_instance(on_stuck, |instance| record_with(shared, instance, &action_id, &entry));
     forget();
     done.is_some()
 }
 
-/// The body first (if the plugin keeps bodies, from the file opened for it),
-/// then the entry.
-fn record_with(
-    shared: &Shared,
-    instance: Option<&mut Instance>,
-    action_id: &Digest,
-    entry: &Entry,
-    body: Option<File>,
-) {
+/// The body first (if the plugin keeps bodies and may not have it yet, from
+/// the local store), then the entry.
+fn record_with(shared: &Shared, instance: Option<&mut Instance>, action_id: &Digest, entry: &Entry) {
     let Some(instance) = instance else { return };
     if !shared.breaker.allows() {
         Stats::add(&shared.stats.local_only_puts, 1);
         return;
     }
-    if shared.stores_bodies {
-        // Without its body (it could not be opened), an entry would be a miss
-        // elsewhere anyway.
-        let Some(file) = body else { return };
-        if shared.plugin_has.lock().unwrap().contains(&entry.output_id) {
-            return record_entry(shared, instance, action_id, entry);
-        }
+    // A later put of the same action, recorded by another thread, wins.
+    if shared.pending.lock().unwrap().get(action_id).is_some_and(|latest| latest != entry) {
+        return;
+    }
+    if shared.stores_bodies && !shared.plugin_has.lock().unwrap().contains(&entry.output_id) {
+        // Gone only if removed by hand: an entry without its body would be a
+        // miss elsewhere anyway.
+        let Ok(file) = File::open(shared.store.path_of(&entry.output_id)) else { return };
         if let Err(e) = instance.write_body(&entry.output_id, entry.size, file) {
             shared.plugin_failed(&e);
             return;
@@ -716,11 +730,8 @@ fn load_manifest(shared: &Arc<Shared>, worker: &mut Worker, first_get: &Digest) 
 }
 
 fn read_manifest(shared: &Shared, instance: &mut Instance, key: &Digest) -> Option<Vec<Item>> {
-    let entry = match instance.read_entry(key) {
-        Ok(found) => {
-            shared.breaker.success();
-            found.filter(|e| e.size <= manifest::MAX_BYTES)?
-        }
+    let found = match instance.read_entry(key) {
+        Ok(found) => found,
         // Only an optimisation failed: no line and no error count (the go
         // command's own requests report a real outage), but the breaker hears
         // of it, and no other key is tried, so a dead server costs one call.
@@ -732,9 +743,13 @@ fn read_manifest(shared: &Shared, instance: &mut Instance, key: &Digest) -> Opti
             return None;
         }
     };
+    // Nor does a lookup that worked tell the breaker anything: it is part of
+    // a get whose own outcome counts (a backend whose entries answer and whose
+    // bodies stall must still be paused).
+    let entry = found.filter(|e| e.size <= manifest::MAX_BYTES)?;
     let path = match shared.store.lookup(&entry.output_id, entry.size) {
         Some(path) => path,
-        None => fetch(shared, instance, &entry)?,
+        None => fetch(shared, instance, &entry).ok()??,
     };
     shared.plugin_has.lock().unwrap().insert(entry.output_id);
     // Verified by hash on the way in; anything else in it is not a manifest.
@@ -799,7 +814,7 @@ fn prefetch(shared: &Arc<Shared>, worker: &mut Worker, item: Item) -> bool {
     worker
         .with_instance(stuck(shared), |instance| {
             if let Some(instance) = instance
-                && fetch(shared, instance, entry).is_some()
+                && let Ok(Some(_)) = fetch(shared, instance, entry)
             {
                 Stats::add(&shared.stats.prefetched, 1);
                 shared.plugin_has.lock().unwrap().insert(entry.output_id);
@@ -1012,6 +1027,9 @@ impl Problems {
         if self.seen[kind as usize].fetch_add(1, Ordering::Relaxed) > 0 {
             return;
         }
+        // Plugin text arrives sanitized; a trap's message (a backtrace with
+        // the plugin's own function names) is made one safe line here.
+        let message = text::one_line(&message);
         match kind {
             Problem::Plugin => eprintln!(
                 "gocp: plugin {}: {message} (the build goes on without it; later errors are only counted)",

@@ -42,6 +42,8 @@ pub struct Stats {
     pub skipped_while_paused: AtomicU64,
     /// Puts kept only locally because the plugin was paused.
     pub local_only_puts: AtomicU64,
+    /// Puts kept only locally because too many were waiting to be recorded.
+    pub puts_not_recorded: AtomicU64,
     /// Bodies from the plugin rejected for a wrong hash or size.
     pub rejected_bodies: AtomicU64,
 }
@@ -75,6 +77,7 @@ pub struct Summary {
     pub network_denials: u64,
     pub skipped_while_paused: u64,
     pub local_only_puts: u64,
+    pub puts_not_recorded: u64,
     pub rejected_bodies: u64,
     pub plugin_ms: u64,
     pub wall_ms: u64,
@@ -117,6 +120,7 @@ impl Stats {
             network_denials,
             skipped_while_paused: self.skipped_while_paused.load(Relaxed),
             local_only_puts: self.local_only_puts.load(Relaxed),
+            puts_not_recorded: self.puts_not_recorded.load(Relaxed),
             rejected_bodies: self.rejected_bodies.load(Relaxed),
             plugin_ms: plugin_time.as_millis() as u64,
             wall_ms: wall.as_millis() as u64,

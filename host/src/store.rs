@@ -26,6 +26,10 @@ pub type Digest = [u8; 32];
 const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
 /// Temporary files older than this were left by a killed process.
 const STALE_TMP: Duration = Duration::from_secs(3600);
+/// Outputs used this recently are never trimmed, even over the size limit:
+/// tools such as gopls and golangci-lint open the files `go list -export`
+/// printed after that go command has exited.
+const RECENT_USE: Duration = Duration::from_secs(3600);
 
 /// Why a body was not accepted into the store.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,9 @@ pub struct TrimReport {
     pub removed_files: u64,
     pub removed_bytes: u64,
     pub kept_bytes: u64,
+    /// Of `kept_bytes`, what would have gone for the size limit but was in
+    /// use by a running go command or used recently.
+    pub kept_in_use_bytes: u64,
 }
 
 pub struct Store {
@@ -136,30 +143,45 @@ impl Store {
             return Err(CommitError::HashMismatch { expected: hex::encode(output_id), actual: hex::encode(actual) });
         }
         let path = self.path_of(output_id);
-        let file = match file.persist_noclobber(&path) {
+        let failed = match file.persist_noclobber(&path) {
             Ok(_) => return Ok(path),
             Err(e) if e.error.kind() == ErrorKind::NotFound => {
                 let dir = path.parent().expect("object paths have a parent");
                 fs::create_dir_all(dir).map_err(|e| annotate(e, "creating", dir))?;
-                e.file
+                match e.file.persist_noclobber(&path) {
+                    Ok(_) => return Ok(path),
+                    Err(e) => e,
+                }
             }
-            // Someone else stored the same bytes first: theirs are as good.
-            Err(e) if e.error.kind() == ErrorKind::AlreadyExists => return Ok(path),
-            Err(e) => return Err(annotate(e.error, "storing", &path).into()),
+            Err(e) => e,
         };
-        match file.persist_noclobber(&path) {
-            Ok(_) => Ok(path),
-            Err(e) if e.error.kind() == ErrorKind::AlreadyExists => Ok(path),
-            Err(e) => Err(annotate(e.error, "storing", &path).into()),
+        if failed.error.kind() != ErrorKind::AlreadyExists {
+            return Err(annotate(failed.error, "storing", &path).into());
         }
+        // Someone else stored the same bytes first: theirs are as good, unless
+        // the file was damaged since (a failing disk, a hand edit), which only
+        // its size tells cheaply. Replacing it is atomic, and a reader of the
+        // old file keeps what it opened.
+        if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
+            return Ok(path);
+        }
+        failed.file.persist(&path).map_err(|e| annotate(e.error, "storing", &path))?;
+        Ok(path)
     }
 
-    /// Applies `policy` if the last trim is older than its interval.
-    pub fn trim(&self, policy: &TrimPolicy) -> io::Result<TrimReport> {
+    /// Applies `policy` if the last trim is older than its interval. Nothing
+    /// used since `oldest_session` started (the oldest go command still being
+    /// served from this directory, see `sessions`) or within the last hour is
+    /// removed, whatever the size: a go command must never lose a file it was
+    /// handed.
+    pub fn trim(&self, policy: &TrimPolicy, oldest_session: Option<SystemTime>) -> io::Result<TrimReport> {
         let now = SystemTime::now();
         let marker = self.objects.join("last-trim");
+        // A last trim in the future (the clock was ahead) says nothing: trim,
+        // as Go's own cache does, rather than never again until that time.
         if let Ok(meta) = fs::metadata(&marker)
-            && now.duration_since(meta.modified()?).unwrap_or_default() < policy.interval
+            && let Ok(since) = now.duration_since(meta.modified()?)
+            && since < policy.interval
         {
             return Ok(TrimReport::default());
         }
@@ -176,6 +198,10 @@ impl Store {
             }
         }
 
+        // A use refreshes a file's time only when it is older than
+        // TOUCH_INTERVAL, so a file used at time t has a time after t minus that.
+        let used_since = oldest_session.map_or(now, |s| s.min(now)).min(now - RECENT_USE);
+        let in_use_after = used_since.checked_sub(TOUCH_INTERVAL).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut files = Vec::new();
         for shard in fs::read_dir(&self.objects)?.flatten() {
             let name = shard.file_name();
@@ -192,10 +218,20 @@ impl Store {
         let mut total: u64 = files.iter().map(|f| f.1).sum();
         for (modified, len, path) in &files {
             let too_old = now.duration_since(*modified).unwrap_or_default() > policy.max_age;
-            if too_old || total > policy.max_size {
-                remove(path, *len, &mut report);
-                total -= len;
+            if !too_old && total <= policy.max_size {
+                continue;
             }
+            if *modified >= in_use_after {
+                // Oldest first: every file from here on is as recent.
+                report.kept_in_use_bytes = total.saturating_sub(policy.max_size);
+                break;
+            }
+            // A go command may have been handed it since it was listed.
+            if fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|m| m != *modified) {
+                continue;
+            }
+            remove(path, *len, &mut report);
+            total -= len;
         }
         report.kept_bytes = total;
         Ok(report)
@@ -309,12 +345,80 @@ mod tests {
             max_size: 2000,
             interval: Duration::from_secs(3600),
         };
-        let report = store.trim(&policy).unwrap();
-        assert_eq!(report, TrimReport { ran: true, removed_files: 2, removed_bytes: 2000, kept_bytes: 2000 });
+        let report = store.trim(&policy, None).unwrap();
+        assert_eq!(
+            report,
+            TrimReport { ran: true, removed_files: 2, removed_bytes: 2000, kept_bytes: 2000, kept_in_use_bytes: 0 }
+        );
         let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
         assert_eq!(exists, [false, false, true, true]);
         // Within the interval nothing runs.
-        assert!(!store.trim(&policy).unwrap().ran);
+        assert!(!store.trim(&policy, None).unwrap().ran);
+    }
+
+    /// Stores four 1000-byte bodies last used `ages` ago.
+    fn bodies_aged(store: &Store, ages: [Duration; 4]) -> Vec<PathBuf> {
+        let now = SystemTime::now();
+        (0u8..4)
+            .zip(ages)
+            .map(|(i, age)| {
+                let body = vec![i; 1000];
+                let mut w = store.begin().unwrap();
+                w.write_all(&body).unwrap();
+                let p = store.commit(w, &sha(&body), 1000).unwrap();
+                filetime::set_file_mtime(&p, filetime::FileTime::from_system_time(now - age)).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn trim_never_removes_what_a_running_session_may_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let hour = Duration::from_secs(3600);
+        let paths = bodies_aged(&store, [hour * 30, hour * 20, hour * 10, Duration::ZERO]);
+        let policy = TrimPolicy { max_age: hour * 1000, max_size: 0, interval: Duration::ZERO };
+        // A session that started 15 hours ago may hold anything used since
+        // 16 hours ago (uses refresh times hourly).
+        let report = store.trim(&policy, Some(SystemTime::now() - hour * 15)).unwrap();
+        let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(exists, [false, false, true, true]);
+        assert_eq!(report.kept_in_use_bytes, 2000);
+        // With no session running, what was used within the hour stays all the same.
+        store.trim(&policy, None).unwrap();
+        let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(exists, [false, false, false, true]);
+    }
+
+    #[test]
+    fn a_last_trim_in_the_future_does_not_stop_trimming() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = Duration::from_secs(86_400);
+        let paths = bodies_aged(&store, [day * 10; 4]);
+        let marker = dir.path().join("objects/last-trim");
+        fs::write(&marker, b"").unwrap();
+        filetime::set_file_mtime(&marker, filetime::FileTime::from_system_time(SystemTime::now() + day)).unwrap();
+        let policy = TrimPolicy { max_age: day * 5, max_size: u64::MAX, interval: day };
+        assert!(store.trim(&policy, None).unwrap().ran);
+        assert!(paths.iter().all(|p| !p.exists()), "outputs unused for 10 days are trimmed");
+    }
+
+    #[test]
+    fn a_damaged_object_is_replaced_by_a_verified_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let body = b"export data";
+        let id = sha(body);
+        let path = store.path_of(&id);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"").unwrap();
+        assert_eq!(store.lookup(&id, body.len() as u64), None, "a truncated object is a miss");
+        let mut w = store.begin().unwrap();
+        w.write_all(body).unwrap();
+        assert_eq!(store.commit(w, &id, body.len() as u64).unwrap(), path);
+        assert_eq!(fs::read(&path).unwrap(), body, "the put repaired it");
     }
 
     use std::os::unix::fs::MetadataExt;

@@ -15,8 +15,10 @@ use crossbeam_channel::Receiver;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod dns;
 pub mod remote;
 pub mod servers;
+pub mod stall;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_gocp-host");
 
@@ -54,10 +56,16 @@ impl Session {
 
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> (Session, Value) {
         let mut cmd = Command::new(BIN);
-        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Session::start_command(cmd)
+    }
+
+    /// Starts gocp-host as `cmd` says (a wrapper may run it, see `dns`).
+    pub fn start_command(mut cmd: Command) -> (Session, Value) {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("starting gocp-host");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -84,6 +92,11 @@ impl Session {
         };
         let caps = session.recv();
         (session, caps)
+    }
+
+    /// Hands stdin over, e.g. to a thread that writes while this one reads.
+    pub fn take_stdin(&mut self) -> ChildStdin {
+        self.stdin.take().expect("stdin still open")
     }
 
     pub fn stdin(&mut self) -> &mut ChildStdin {

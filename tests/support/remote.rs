@@ -24,8 +24,19 @@ pub struct Backend {
     pub env: Vec<(String, String)>,
 }
 
+impl Backend {
+    /// The same backend reached through 127.0.0.1:`to` (a proxy) instead of
+    /// 127.0.0.1:`from`, in every URL and grant.
+    pub fn via(&self, from: u16, to: u16) -> Backend {
+        let (from, to) = (format!("127.0.0.1:{from}"), format!("127.0.0.1:{to}"));
+        Backend { args: self.args.iter().map(|a| a.replace(&from, &to)).collect(), env: self.env.clone() }
+    }
+}
+
 /// A cache server running on 127.0.0.1 for one test. Dropping it stops it.
 pub trait RemoteServer {
+    /// The port it listens on, on 127.0.0.1.
+    fn port(&self) -> u16;
     /// Flags and environment that reach this server with valid credentials.
     fn backend(&self) -> Backend;
     /// The same server, with credentials it refuses.
@@ -221,6 +232,52 @@ pub fn hung_server(backend: &Backend, freeze: impl FnOnce(), thaw: impl FnOnce()
     assert_eq!(lines.len(), 1, "one line from gocp: {lines:?}");
     assert!(lines[0].contains(says), "the line says the server did not answer ({says:?}): {}", lines[0]);
     assert!(took < Duration::from_secs(90), "the build waited {took:?} on a hung server");
+}
+
+/// The server answers entries, but every body stalls after its first KiB (a
+/// proxy in front of it holds the rest back, the connection open): each get
+/// is one failure however far it got, so the plugin is paused after a few
+/// instead of costing a timeout on every request, and the size a body claims
+/// buys no time of its own.
+pub fn stalled_bodies(server: &dyn RemoteServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = server.backend();
+    let env: Vec<(&str, &str)> = backend.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let start = |state: &Path, backend: &Backend, extra: &[&str]| {
+        let mut args: Vec<&str> = vec!["--dir", state.to_str().unwrap()];
+        args.extend(backend.args.iter().map(String::as_str));
+        args.extend(extra);
+        Session::start_env(&args, &env).0
+    };
+    let action = |i: i64| sha256(format!("stalled action {i}").as_bytes());
+    let gets = 20;
+    let mut a = start(&tmp.path().join("a"), &backend, &[]);
+    for i in 1..=gets {
+        let body: Vec<u8> = (0..64 * 1024u32).map(|b| (b as i64 * 7 + i) as u8).collect();
+        a.send_put(i, &action(i), &body);
+        assert!(a.recv()["DiskPath"].is_string());
+    }
+    a.send_close(gets + 1);
+    a.recv();
+    let (status, _, stderr) = a.finish();
+    assert!(status.success() && gocp_lines(stderr.as_bytes()).is_empty(), "{stderr}");
+
+    let proxy = super::stall::StallingProxy::start(server.port(), 4096);
+    let stats = tmp.path().join("b-stats.json");
+    let via = backend.via(server.port(), proxy.port);
+    let mut b = start(&tmp.path().join("b"), &via, &["--plugin-timeout", "1s", "--stats-json", stats.to_str().unwrap()]);
+    for i in 1..=gets {
+        b.send_get(i, &action(i));
+        assert_eq!(b.recv()["Miss"], serde_json::json!(true), "a stalled body is never served");
+    }
+    b.send_close(gets + 1);
+    b.recv();
+    let (status, _, stderr) = b.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(gocp_lines(stderr.as_bytes()).len() <= 1, "{stderr}");
+    let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
+    assert!(count(&st, "breaker_trips") >= 1, "the stalls paused the plugin: {st}");
+    assert!(count(&st, "skipped_while_paused") >= 1, "{st}");
 }
 
 /// Runs gocp-host with `--plugin plugin` and `args` on an empty stdin, with

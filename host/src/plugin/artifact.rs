@@ -6,7 +6,11 @@
 //! gocp and wasmtime versions and the engine settings, and later runs map it in
 //! directly. Loading compiled code is unsafe if the file came from elsewhere,
 //! so this module only loads files under that exact name, owned by this user
-//! and writable by nobody else, in a directory only it writes to.
+//! and writable by nobody else, in a directory only it writes to. Nor may a
+//! file damaged since it was written be run (a flipped bit in machine code
+//! crashes the process, every go command with it): each artifact has a
+//! checksum beside it, `<name>.crc`, checked before it is mapped, and a
+//! damaged or unchecked artifact is compiled again.
 
 use std::fs;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -28,12 +32,14 @@ const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
 pub fn load(engine: &Engine, wasm: &[u8], wasm_sha256: &[u8; 32], dir: &Path) -> Result<Component> {
     let path = artifact_path(engine, wasm_sha256, dir);
     if is_ours(&path)
+        && checksum_holds(&path)
         && let Ok(Some(Precompiled::Component)) = Engine::detect_precompiled_file(&path)
     {
         // SAFETY: the file is at the name this host derived for these exact
         // bytes and engine, in its own private directory, owned by this user
-        // and not writable by others: it was written by `save` below.
-        // A damaged or stale artifact is rebuilt below, never fatal.
+        // and not writable by others, and has the checksum `save` wrote for
+        // it: it is what `save` below wrote. A damaged or stale artifact is
+        // rebuilt below, never fatal.
         if let Ok(component) = unsafe { Component::deserialize_file(engine, &path) } {
             return Ok(component);
         }
@@ -58,17 +64,56 @@ fn artifact_path(engine: &Engine, wasm_sha256: &[u8; 32], dir: &Path) -> PathBuf
     dir.join(format!("{}.cwasm", hex::encode(&key.finalize()[..20])))
 }
 
+fn checksum_path(path: &Path) -> PathBuf {
+    path.with_extension("crc")
+}
+
+/// What the checksum file holds for `bytes`.
+fn checksum(bytes: &[u8]) -> String {
+    format!("crc32 {:08x} {}\n", crc32fast::hash(bytes), bytes.len())
+}
+
+/// Whether the artifact still has the checksum written beside it. The file
+/// is mapped rather than read: it is in the page cache, and wasmtime maps it
+/// again right after.
+fn checksum_holds(path: &Path) -> bool {
+    let Ok(expected) = fs::read_to_string(checksum_path(path)) else { return false };
+    let Ok(file) = fs::File::open(path) else { return false };
+    let Ok(len) = file.metadata().map(|m| m.len() as usize) else { return false };
+    if len == 0 {
+        return false;
+    }
+    // SAFETY: a private, read-only mapping of a file only this user can
+    // write, unmapped before returning; only read as bytes.
+    let Ok(map) = (unsafe {
+        rustix::mm::mmap(std::ptr::null_mut(), len, rustix::mm::ProtFlags::READ, rustix::mm::MapFlags::PRIVATE, &file, 0)
+    }) else {
+        return false;
+    };
+    // SAFETY: the mapping above is `len` readable bytes and lives until munmap.
+    let actual = checksum(unsafe { std::slice::from_raw_parts(map.cast::<u8>(), len) });
+    // SAFETY: unmapping exactly what was mapped; the slice is gone.
+    let _ = unsafe { rustix::mm::munmap(map, len) };
+    actual == expected
+}
+
 fn is_ours(path: &Path) -> bool {
     let Ok(meta) = fs::symlink_metadata(path) else { return false };
     meta.is_file() && meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o022 == 0
 }
 
+/// Writes the checksum, then the artifact, each by renaming a complete
+/// file: a crash in between leaves a checksum that fails, never an
+/// artifact that passes unchecked.
 fn save(path: &Path, compiled: &[u8]) -> Result<()> {
     let dir = path.parent().expect("artifact paths have a parent");
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let mut tmp = tempfile::Builder::new().permissions(fs::Permissions::from_mode(0o600)).tempfile_in(dir)?;
-    tmp.write_all(compiled)?;
-    tmp.persist(path)?;
+    let sum = checksum(compiled);
+    for (target, bytes) in [(checksum_path(path), sum.as_bytes()), (path.to_path_buf(), compiled)] {
+        let mut tmp = tempfile::Builder::new().permissions(fs::Permissions::from_mode(0o600)).tempfile_in(dir)?;
+        tmp.write_all(bytes)?;
+        tmp.persist(target)?;
+    }
     Ok(())
 }
 

@@ -63,7 +63,7 @@ pub fn run(options: Options) -> Result<Report> {
         checks.push(Check { name: name.to_string(), failure: result.err() });
     };
 
-    let (mut probe, info) = template.instantiate().with_context(|| format!("plugin {what}"))?;
+    let (mut probe, info) = template.instantiate(None).with_context(|| format!("plugin {what}"))?;
     check(
         "describe: a name and a version",
         if info.name.trim().is_empty() || info.version.trim().is_empty() {
@@ -89,7 +89,7 @@ pub fn run(options: Options) -> Result<Report> {
         },
     );
 
-    let (mut first, _) = template.instantiate().with_context(|| format!("plugin {what}"))?;
+    let (mut first, _) = template.instantiate(None).with_context(|| format!("plugin {what}"))?;
     let stores_bodies = match first.open(&template.options.config) {
         Ok(caps) => caps.stores_bodies,
         Err(e) => {
@@ -134,7 +134,7 @@ pub fn run(options: Options) -> Result<Report> {
     }
 
     if info.max_instances != 1 {
-        let mut second = template.instantiate_open().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let mut second = template.instantiate_open(None).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let shared_action = digest("shared action");
         let shared = Entry { output_id: digest("shared output"), size: 7, put_time_ns: now_ns() };
         check(
@@ -150,7 +150,7 @@ pub fn run(options: Options) -> Result<Report> {
         );
         let threads: Vec<_> = (0..4)
             .map(|t| {
-                let mut instance = template.instantiate_open().map_err(|e| anyhow::anyhow!("{e:#}"));
+                let mut instance = template.instantiate_open(None).map_err(|e| anyhow::anyhow!("{e:#}"));
                 std::thread::spawn(move || -> Result<(), String> {
                     let instance = instance.as_mut().map_err(|e| e.to_string())?;
                     for n in 0..50 {

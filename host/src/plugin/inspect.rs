@@ -45,7 +45,7 @@ pub fn describe(source: &Source, artifact_dir: &Path, state_root: &Path) -> Resu
     };
     let what = source.describe();
     let template = Template::new(options).with_context(|| format!("plugin {what}"))?;
-    let (_, info) = template.instantiate().with_context(|| format!("plugin {what}"))?;
+    let (_, info) = template.instantiate(None).with_context(|| format!("plugin {what}"))?;
 
     let mut out = String::new();
     writeln!(out, "{} {}: {}", info.name, info.version, info.summary)?;

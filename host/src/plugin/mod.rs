@@ -10,11 +10,13 @@
 mod artifact;
 mod bindings;
 pub mod conformance;
+mod deadline;
 pub mod embedded;
 pub mod inspect;
 mod pool;
 mod sandbox;
 mod streams;
+pub mod text;
 
 use std::fs::File;
 use std::io::Write;
@@ -23,10 +25,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use sha2::Digest as _;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, Trap};
+use wasmtime::{Engine, Store, StoreLimits, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -46,8 +48,10 @@ const TICK: Duration = Duration::from_millis(10);
 /// budgets are seconds, and an idle helper should not wake 100 times a second
 /// through a long build.
 const IDLE_TICK: Duration = Duration::from_millis(250);
-/// Bodies may take longer than small calls, but must keep at least this pace.
-const MIN_BODY_BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0;
+/// Extra time the first instance's start gets beyond the call timeout before
+/// gocp gives up on it and serves without the plugin: the same grace the
+/// watchdog gives a stuck call.
+const START_GRACE: Duration = Duration::from_secs(1);
 
 /// Where a plugin's code comes from.
 #[derive(Debug, Clone)]
@@ -111,7 +115,8 @@ pub struct Options {
     /// it. `None`: as many as there are CPUs, or [`NETWORK_INSTANCES`] for a
     /// plugin that imports network interfaces.
     pub max_instances: Option<usize>,
-    /// How long one call may take (bodies get more, in proportion to size).
+    /// How long one call may take (calls moving a body get more for every
+    /// byte that moves, see `deadline`).
     pub call_timeout: Duration,
 }
 
@@ -133,7 +138,7 @@ pub enum CallError {
     Broken(String),
     #[error("plugin failed: {0:#}")]
     Trap(anyhow::Error),
-    #[error("plugin call took longer than {0:?}")]
+    #[error("plugin call ran out of time after {:.1}s", .0.as_secs_f64())]
     Timeout(Duration),
 }
 
@@ -152,6 +157,8 @@ pub struct HostState {
     gate: sandbox::HttpGate,
     table: ResourceTable,
     limits: StoreLimits,
+    /// The call in progress, for the epoch callback.
+    call: Option<deadline::Deadline>,
 }
 
 impl WasiView for HostState {
@@ -195,6 +202,8 @@ pub struct Instance {
     /// Lets the pool's watchdog see a call stuck where no deadline reaches.
     watch: Option<Watch>,
     in_flight: InFlight,
+    /// Bytes the call in progress moved through its body stream.
+    progress: deadline::Progress,
 }
 
 /// Plugin calls running now, across all instances: what tells the epoch
@@ -223,27 +232,54 @@ impl Drop for InFlightGuard<'_> {
 }
 
 /// A loaded plugin: its description, what `open` said, and one instance
-/// opened with the user's configuration, ready to run.
+/// opened with the user's configuration, ready to run; or, when the plugin
+/// could not be started, what to say about it.
 pub struct Plugin {
     pub info: Info,
     pub capabilities: Capabilities,
     template: Arc<Template>,
-    first: Instance,
+    first: Option<Instance>,
     instances: usize,
+    /// Why the plugin could not be started (`open` failed, trapped or hung):
+    /// an outage, not the user's mistake, so the session runs without it.
+    pub unavailable: Option<String>,
+}
+
+/// How starting the first instance ended.
+enum Start {
+    Opened(Instance, Info, Capabilities),
+    /// `invalid-config`, with the plugin's name.
+    Config(String, String),
+    /// Anything else, with the description if `describe` got that far.
+    Failed(Option<Info>, String),
 }
 
 impl Plugin {
     /// Loads the plugin, starts one instance and opens it with the user's
     /// configuration: every configuration mistake surfaces here, before the
-    /// go command is answered.
+    /// go command is answered. A plugin that fails to start for any other
+    /// reason (an outage, a trap, a call that never returns) is loaded as
+    /// unavailable rather than failing the build.
     pub fn load(options: Options) -> Result<Plugin> {
         let what = options.source.describe();
-        let template = Template::new(options).with_context(|| format!("plugin {what}"))?;
-        let (mut first, info) = template.instantiate().with_context(|| format!("plugin {what}"))?;
-        let capabilities = first.open(&template.options.config).map_err(|e| match e {
-            OpenError::Config(msg) => anyhow!("plugin `{}`: invalid configuration: {msg}", info.name),
-            OpenError::Failed(e) => anyhow!("plugin `{}` failed to start: {e}", info.name),
-        })?;
+        let template = Arc::new(Template::new(options).with_context(|| format!("plugin {what}"))?);
+        let (first, info, capabilities, unavailable) = match start_first(&template) {
+            Start::Opened(instance, info, caps) => (Some(instance), info, caps, None),
+            Start::Config(name, msg) => {
+                bail!("plugin `{name}`: invalid configuration: {msg}")
+            }
+            Start::Failed(info, why) => {
+                let info = info.unwrap_or_else(|| Info {
+                    name: template.options.source.state_dir_name(),
+                    version: "?".into(),
+                    summary: String::new(),
+                    max_instances: 0,
+                    config_keys: Vec::new(),
+                });
+                // The local tier keeps what this session stores, whatever the plugin would have said.
+                (None, info, Capabilities { stores_bodies: true }, Some(why))
+            }
+        };
         let limit = template.options.max_instances.unwrap_or_else(|| {
             if template.networked {
                 NETWORK_INSTANCES
@@ -256,7 +292,7 @@ impl Plugin {
             n => (n as usize).min(limit),
         }
         .max(1);
-        Ok(Plugin { info, capabilities, template: Arc::new(template), first, instances })
+        Ok(Plugin { info, capabilities, template, first, instances, unavailable })
     }
 
     /// How many instances [`Plugin::run`] starts.
@@ -265,9 +301,39 @@ impl Plugin {
     }
 
     /// Starts a thread per instance, each running `body` until it returns.
+    /// An unavailable plugin gets as many threads, which never start an
+    /// instance: they only serve from the local store.
     pub fn run(self, body: Body) -> Pool {
-        Pool::start(self.template, self.first, self.instances, body)
+        let usable = self.unavailable.is_none();
+        Pool::start(self.template, self.first, self.instances, body, usable)
     }
+}
+
+/// Starts the first instance on a thread of its own, so that a plugin whose
+/// `describe` or `open` blocks inside the host (where epoch deadlines do not
+/// reach) costs the go command one timeout, not its whole build. A thread
+/// that never returns is left behind.
+fn start_first(template: &Arc<Template>) -> Start {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let starting = template.clone();
+    let spawned = std::thread::Builder::new().name("plugin-start".into()).spawn(move || {
+        let started = match starting.instantiate(None) {
+            Err(e) => Start::Failed(None, format!("{e:#}")),
+            Ok((mut instance, info)) => match instance.open(&starting.options.config) {
+                Ok(caps) => Start::Opened(instance, info, caps),
+                Err(OpenError::Config(msg)) => Start::Config(info.name, msg),
+                Err(OpenError::Failed(e)) => Start::Failed(Some(info), format!("open: {e}")),
+            },
+        };
+        let _ = tx.send(started);
+    });
+    if let Err(e) = spawned {
+        return Start::Failed(None, format!("starting a thread: {e}"));
+    }
+    // `describe`, then `open`: each has the call timeout.
+    let limit = template.options.call_timeout * 2 + START_GRACE;
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| Start::Failed(None, format!("it did not start within {:.1}s", limit.as_secs_f64())))
 }
 
 /// Why `open` did not succeed.
@@ -325,6 +391,7 @@ impl Template {
         let component = component?;
         let mut linker =
             linker.map_err(|_| anyhow!("linking WASI panicked"))?.map_err(|e| anyhow!("linking WASI: {e}"))?;
+        sandbox::gate_name_lookups(&mut linker)?;
         let imports: Vec<String> =
             component.component_type().imports(&engine).map(|(name, _)| name.to_string()).collect();
         if imports.iter().any(|name| ON_TOKIO.iter().any(|prefix| name.starts_with(prefix))) {
@@ -352,17 +419,25 @@ impl Template {
         Ok(Template { engine, in_flight, networked, pre, options, sandbox })
     }
 
-    /// A fresh instance, and the plugin's description.
-    pub fn instantiate(&self) -> Result<(Instance, Info)> {
+    /// A fresh instance, and the plugin's description. With a `watch`,
+    /// `describe` already runs under the pool's watchdog.
+    pub fn instantiate(&self, watch: Option<Watch>) -> Result<(Instance, Info)> {
         let state = HostState {
             wasi: self.sandbox.wasi()?,
             http: WasiHttpCtx::new(),
             gate: self.sandbox.http_gate(),
             table: ResourceTable::new(),
             limits: self.sandbox.limits(),
+            call: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
+        // Reached only while WebAssembly code runs: extends the call while
+        // its deadline allows, else stops it as a timeout.
+        store.epoch_deadline_callback(|ctx| {
+            let left = ctx.data().call.as_ref().and_then(|d| d.remaining(Instant::now()));
+            Ok(left.map_or(UpdateDeadline::Interrupt, |left| UpdateDeadline::Continue(ticks(left))))
+        });
         store.set_epoch_deadline(ticks(self.options.call_timeout));
         let plugin = self.pre.instantiate(&mut store).map_err(|e| anyhow!("instantiating: {e:#}"))?;
         let mut instance = Instance {
@@ -371,16 +446,18 @@ impl Template {
             timeout: self.options.call_timeout,
             dead: false,
             busy: Duration::ZERO,
-            watch: None,
+            watch,
             in_flight: self.in_flight.clone(),
+            progress: deadline::Progress::default(),
         };
         let info = instance.describe().map_err(|e| anyhow!("describe: {e}"))?;
         Ok((instance, info))
     }
 
-    /// A fresh, opened instance to replace one that trapped.
-    pub fn instantiate_open(&self) -> Result<Instance> {
-        let (mut instance, _) = self.instantiate()?;
+    /// A fresh, opened instance to replace one that trapped, watched from
+    /// its first call on.
+    pub fn instantiate_open(&self, watch: Option<Watch>) -> Result<Instance> {
+        let (mut instance, _) = self.instantiate(watch)?;
         instance.open(&self.options.config).map_err(|e| match e {
             OpenError::Config(m) => anyhow!("invalid configuration: {m}"),
             OpenError::Failed(e) => anyhow!("{e}"),
@@ -402,48 +479,50 @@ impl Instance {
         self.watch = Some(watch);
     }
 
-    /// The time a call moving `body_bytes` may take.
-    fn budget(&self, body_bytes: u64) -> Duration {
-        self.timeout + Duration::from_secs_f64(body_bytes as f64 / MIN_BODY_BYTES_PER_SEC)
-    }
-
-    /// Runs one call under a deadline, timing it. A trap, a timeout or the
-    /// memory limit kills the instance (it would refuse every later call).
+    /// Runs one call under its deadline (see `deadline`), timing it. A trap,
+    /// a timeout or the memory limit kills the instance (it would refuse
+    /// every later call).
     fn call<T>(
         &mut self,
-        budget: Duration,
         f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        self.store.set_epoch_deadline(ticks(budget));
+        let deadline = deadline::Deadline::start(self.timeout, &self.progress);
+        self.store.set_epoch_deadline(ticks(self.timeout));
         if let Some(watch) = &self.watch {
-            watch.arm(budget);
+            watch.arm(deadline.clone());
         }
-        let started = Instant::now();
+        self.store.data_mut().call = Some(deadline.clone());
         let in_flight = self.in_flight.enter();
         let result = f(&self.plugin, &mut self.store);
         drop(in_flight);
-        self.busy += started.elapsed();
+        self.busy += deadline.elapsed();
         if let Some(watch) = &self.watch {
             watch.disarm();
         }
+        self.store.data_mut().call = None;
         result.map_err(|e| {
             self.dead = true;
             if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-                CallError::Timeout(budget)
+                CallError::Timeout(deadline.elapsed())
             } else {
                 CallError::Trap(e.into())
             }
         })
     }
 
+    /// What the plugin says it is, with its name and version safe to print
+    /// (they appear in messages and statistics).
     fn describe(&mut self) -> Result<Info, CallError> {
-        self.call(self.timeout, |p, s| p.gocp_cache_backend().call_describe(s))
+        let mut info = self.call(|p, s| p.gocp_cache_backend().call_describe(s))?;
+        info.name = text::one_line(&info.name);
+        info.version = text::one_line(&info.version);
+        Ok(info)
     }
 
     fn open(&mut self, config: &[(String, String)]) -> Result<Capabilities, OpenError> {
-        match self.call(self.timeout, |p, s| p.gocp_cache_backend().call_open(s, config)) {
+        match self.call(|p, s| p.gocp_cache_backend().call_open(s, config)) {
             Ok(Ok(caps)) => Ok(caps),
-            Ok(Err(bindings::Error::InvalidConfig(m))) => Err(OpenError::Config(m)),
+            Ok(Err(bindings::Error::InvalidConfig(m))) => Err(OpenError::Config(text::one_line(&m))),
             Ok(Err(e)) => Err(OpenError::Failed(plugin_error(e))),
             Err(e) => Err(OpenError::Failed(e)),
         }
@@ -452,7 +531,7 @@ impl Instance {
     /// The entry for `action_id`: `Ok(None)` is an ordinary miss.
     pub fn read_entry(&mut self, action_id: &Digest) -> Result<Option<Entry>, CallError> {
         let id = action_id.to_vec();
-        match self.call(self.timeout, |p, s| p.gocp_cache_backend().call_read_entry(s, &id))? {
+        match self.call(|p, s| p.gocp_cache_backend().call_read_entry(s, &id))? {
             Ok(e) => {
                 let output_id = e.output_id.as_slice().try_into().map_err(|_| {
                     CallError::Broken(format!("read-entry returned an output id of {} bytes", e.output_id.len()))
@@ -473,12 +552,12 @@ impl Instance {
         size: u64,
         writer: W,
     ) -> Result<Result<W, ()>, CallError> {
-        let (sink, target) = streams::BodySink::new(writer, size);
+        let (sink, target) = streams::BodySink::new(writer, size, self.progress.clone());
         let sink: DynOutputStream = Box::new(sink);
         let handle = self.store.data_mut().table.push(sink).map_err(|e| CallError::Trap(e.into()))?;
         let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
         let id = output_id.to_vec();
-        let result = self.call(self.budget(size), |p, s| p.gocp_cache_backend().call_read_body(s, &id, size, borrowed));
+        let result = self.call(|p, s| p.gocp_cache_backend().call_read_body(s, &id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         let outcome = result?;
         let target = Arc::into_inner(target).expect("the sink was dropped with the table entry").into_inner().unwrap();
@@ -492,12 +571,11 @@ impl Instance {
 
     /// Hands the plugin a stored body, readable from `file`.
     pub fn write_body(&mut self, output_id: &Digest, size: u64, file: File) -> Result<(), CallError> {
-        let source: DynInputStream = Box::new(streams::FileSource::new(file));
+        let source: DynInputStream = Box::new(streams::FileSource::new(file, self.progress.clone()));
         let handle = self.store.data_mut().table.push(source).map_err(|e| CallError::Trap(e.into()))?;
         let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
         let id = output_id.to_vec();
-        let result =
-            self.call(self.budget(size), |p, s| p.gocp_cache_backend().call_write_body(s, &id, size, borrowed));
+        let result = self.call(|p, s| p.gocp_cache_backend().call_write_body(s, &id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         result?.map_err(plugin_error)
     }
@@ -506,19 +584,22 @@ impl Instance {
         let wire =
             bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
         let id = action_id.to_vec();
-        self.call(self.timeout, |p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
+        self.call(|p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
     }
 
     pub fn finish(&mut self) -> Result<(), CallError> {
-        self.call(self.timeout, |p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
+        self.call(|p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
     }
 }
 
+/// A plugin's error as the host keeps it: its text made safe to print.
 fn plugin_error(e: bindings::Error) -> CallError {
     match e {
         bindings::Error::NotFound => CallError::Broken("not-found where it has no meaning".into()),
-        bindings::Error::Unavailable(m) => CallError::Unavailable(m),
-        bindings::Error::Broken(m) => CallError::Broken(m),
-        bindings::Error::InvalidConfig(m) => CallError::Broken(format!("invalid-config outside open: {m}")),
+        bindings::Error::Unavailable(m) => CallError::Unavailable(text::one_line(&m)),
+        bindings::Error::Broken(m) => CallError::Broken(text::one_line(&m)),
+        bindings::Error::InvalidConfig(m) => {
+            CallError::Broken(format!("invalid-config outside open: {}", text::one_line(&m)))
+        }
     }
 }

@@ -9,9 +9,13 @@
 //!
 //! Epoch deadlines stop runaway WebAssembly, but not a call blocked inside the
 //! host (a plugin sleeping, or waiting on a socket that never answers). A
-//! watchdog thread looks for calls past their deadline: it runs the call's
-//! `on_stuck` (so that its request is answered now), gives up on that thread,
-//! and starts a fresh one running the same loop, so the work goes on.
+//! watchdog thread looks for calls past their deadline (the same deadline,
+//! see `deadline`): it runs the work's `on_stuck` (so that its request is
+//! answered now), gives up on that thread, and starts a fresh one running the
+//! same loop, so the work goes on. Starting an instance (`describe`, `open`)
+//! is watched like any call; a replacement thread starts its instance only
+//! when it has work, so a plugin whose `open` hangs costs one stuck thread per
+//! attempt, not a loop of them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::deadline::Deadline;
 use super::{CallError, Instance, Template};
 
 /// Extra time a call gets beyond its own deadline before the watchdog steps
@@ -40,7 +45,7 @@ pub struct Watch(Arc<Mutex<Slot>>);
 
 #[derive(Default)]
 struct Slot {
-    deadline: Option<Instant>,
+    deadline: Option<Deadline>,
     on_stuck: Option<OnStuck>,
     abandoned: bool,
 }
@@ -50,8 +55,8 @@ impl Watch {
         Watch(Arc::new(Mutex::new(Slot::default())))
     }
 
-    pub fn arm(&self, budget: Duration) {
-        self.0.lock().unwrap().deadline = Some(Instant::now() + budget + WATCHDOG_GRACE);
+    pub fn arm(&self, deadline: Deadline) {
+        self.0.lock().unwrap().deadline = Some(deadline);
     }
 
     pub fn disarm(&self) {
@@ -60,6 +65,10 @@ impl Watch {
 
     fn begin(&self, on_stuck: OnStuck) {
         self.0.lock().unwrap().on_stuck = Some(on_stuck);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.0.lock().unwrap().abandoned
     }
 
     /// Ends a piece of work; true if the watchdog gave up on this worker meanwhile.
@@ -73,8 +82,8 @@ impl Watch {
     /// hands back the work's `on_stuck`.
     fn take_if_overdue(&self, now: Instant) -> Option<Option<OnStuck>> {
         let mut slot = self.0.lock().unwrap();
-        match slot.deadline {
-            Some(d) if d < now && !slot.abandoned => {
+        match &slot.deadline {
+            Some(d) if d.due() + WATCHDOG_GRACE < now && !slot.abandoned => {
                 slot.abandoned = true;
                 Some(slot.on_stuck.take())
             }
@@ -91,6 +100,9 @@ pub struct Pool {
 
 struct Inner {
     template: Arc<Template>,
+    /// False when the plugin could not be started: threads then never start
+    /// an instance.
+    usable: bool,
     body: Body,
     done: Sender<WorkerReport>,
     watches: Mutex<Vec<Watch>>,
@@ -117,10 +129,17 @@ struct WorkerReport {
 }
 
 impl Pool {
-    pub(super) fn start(template: Arc<Template>, first: Instance, workers: usize, body: Body) -> Pool {
+    pub(super) fn start(
+        template: Arc<Template>,
+        first: Option<Instance>,
+        workers: usize,
+        body: Body,
+        usable: bool,
+    ) -> Pool {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let inner = Arc::new(Inner {
             template,
+            usable,
             body,
             done: done_tx,
             watches: Mutex::new(Vec::new()),
@@ -128,9 +147,11 @@ impl Pool {
             abandoned: AtomicUsize::new(0),
             busy_ns: AtomicU64::new(0),
         });
-        let mut first = Some(first);
+        let mut first = first;
         for _ in 0..workers {
-            spawn_worker(&inner, first.take());
+            // The first threads start their instances right away, ahead of
+            // the first requests.
+            spawn_worker(&inner, first.take(), true);
         }
         let stop_watchdog = Arc::new(AtomicBool::new(false));
         let (watched, stop) = (inner.clone(), stop_watchdog.clone());
@@ -178,12 +199,12 @@ impl Pool {
     }
 }
 
-fn spawn_worker(inner: &Arc<Inner>, instance: Option<Instance>) {
+fn spawn_worker(inner: &Arc<Inner>, instance: Option<Instance>, eager: bool) {
     let watch = Watch::new();
     inner.watches.lock().unwrap().push(watch.clone());
     let n = inner.spawned.fetch_add(1, Ordering::SeqCst);
     let mut worker =
-        Worker { inner: inner.clone(), instance, watch, restarts: 0, started_once: false, abandoned: false };
+        Worker { inner: inner.clone(), instance, watch, restarts: 0, started_once: false, abandoned: false, eager };
     thread::Builder::new()
         .name(format!("plugin-{n}"))
         .spawn(move || {
@@ -212,7 +233,7 @@ fn watchdog(inner: Arc<Inner>, stop: Arc<AtomicBool>) {
         };
         for on_stuck in stuck {
             inner.abandoned.fetch_add(1, Ordering::SeqCst);
-            spawn_worker(&inner, None);
+            spawn_worker(&inner, None, false);
             if let Some(f) = on_stuck {
                 f();
             }
@@ -228,6 +249,8 @@ pub struct Worker {
     restarts: u64,
     started_once: bool,
     abandoned: bool,
+    /// Start an instance before the first piece of work.
+    eager: bool,
 }
 
 impl Worker {
@@ -237,8 +260,14 @@ impl Worker {
         if let Some(i) = self.instance.as_mut() {
             i.set_watch(self.watch.clone());
             self.started_once = true;
+        } else if self.eager {
+            // Watched like any work; there is no request to answer if it hangs.
+            self.watch.begin(Box::new(|| {}));
+            self.start();
+            if self.watch.end() {
+                return None;
+            }
         }
-        self.start();
         let body = self.inner.body.clone();
         body(self);
         if self.abandoned {
@@ -255,29 +284,29 @@ impl Worker {
     /// Makes an instance if there is none. A failure to start shows up as
     /// `None` in [`Worker::with_instance`]; the next use tries again.
     fn start(&mut self) {
-        if self.instance.is_some() {
+        if self.instance.is_some() || !self.inner.usable {
             return;
         }
-        self.instance = self.inner.template.instantiate_open().ok();
-        if let Some(i) = self.instance.as_mut() {
-            i.set_watch(self.watch.clone());
+        self.instance = self.inner.template.instantiate_open(Some(self.watch.clone())).ok();
+        if self.instance.is_some() {
             self.restarts += u64::from(self.started_once);
             self.started_once = true;
         }
     }
 
     /// Runs `f` with this thread's instance (`None` if none could be started).
-    /// If a call in it gets stuck beyond its deadline, the watchdog runs
-    /// `on_stuck` and gives up on this thread: then this returns `None`, and
-    /// the caller's loop must end.
+    /// If a call in it, or starting it, gets stuck beyond its deadline, the
+    /// watchdog runs `on_stuck` and gives up on this thread: then this
+    /// returns `None`, and the caller's loop must end.
     pub fn with_instance<T>(
         &mut self,
         on_stuck: impl FnOnce() + Send + 'static,
         f: impl FnOnce(Option<&mut Instance>) -> T,
     ) -> Option<T> {
-        self.start();
         self.watch.begin(Box::new(on_stuck));
-        let result = f(self.instance.as_mut());
+        self.start();
+        // Starting may have hung long enough for the watchdog to answer for it.
+        let result = (!self.watch.abandoned()).then(|| f(self.instance.as_mut()));
         self.account();
         if self.watch.end() {
             self.abandoned = true;
@@ -286,7 +315,7 @@ impl Worker {
         if self.instance.as_ref().is_some_and(Instance::is_dead) {
             self.instance = None;
         }
-        Some(result)
+        result
     }
 
     fn account(&mut self) {

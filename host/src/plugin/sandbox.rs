@@ -4,20 +4,24 @@
 //! unless the user granted it: directories (`--allow-dir`), environment
 //! variables by name (`--allow-env`), network peers by host and port
 //! (`--allow-net`, enforced both for wasi:http, on the request's authority,
-//! and for wasi:sockets TCP, on the resolved address). Its stdout goes nowhere;
+//! and for wasi:sockets TCP, on the addresses the granted names resolve to).
+//! Name lookups are limited to the granted names: a lookup is a message to
+//! whoever runs the DNS, and an arbitrary name could carry a granted secret.
+//! Nothing is resolved before the plugin needs it, so a go command never
+//! waits on DNS to start. Its stdout goes nowhere;
 //! its stderr reaches the user's terminal only when asked for, each line
 //! prefixed with the plugin's name. Memory is capped per instance.
 //!
 //! It owns building each instance's WASI context from those grants; it must
 //! never widen a grant (a refused request is refused, not retried elsewhere).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -25,6 +29,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use wasmtime::StoreLimits;
+use wasmtime::component::{Linker, Resource};
+use wasmtime_wasi::p2::Network;
+use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::Host as _;
+use wasmtime_wasi::p2::bindings::sockets::network::ErrorCode;
+use wasmtime_wasi::sockets::WasiSocketsView;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::sockets::SocketAddrUse;
@@ -50,13 +59,20 @@ impl NetGrant {
     pub fn parse(s: &str) -> Result<NetGrant, String> {
         let bad = || format!("expected HOST:PORT, got {s:?}");
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = normal_host(host);
         if host.is_empty() {
             return Err(bad());
         }
         let port = port.parse().map_err(|_| bad())?;
-        Ok(NetGrant { host: host.to_ascii_lowercase(), port })
+        Ok(NetGrant { host, port })
     }
+}
+
+/// A host name as grants compare it: lower case, without IPv6 brackets or
+/// the root's trailing dot.
+fn normal_host(host: &str) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 /// Everything the user granted a plugin, and its limits.
@@ -72,8 +88,8 @@ pub struct Grants {
     pub stderr_prefix: Option<String>,
 }
 
-/// The grants resolved once per plugin: environment values read, host names
-/// resolved, so that each new instance is cheap to set up.
+/// The grants prepared once per plugin (environment values read), so that
+/// each new instance is cheap to set up.
 pub struct Sandbox {
     state_dir: PathBuf,
     grants: Grants,
@@ -84,8 +100,9 @@ pub struct Sandbox {
 struct NetPolicy {
     /// `host:port` pairs, for wasi:http requests (matched before any lookup).
     authorities: Vec<NetGrant>,
-    /// Resolved addresses, for wasi:sockets TCP connects.
-    addrs: HashSet<SocketAddr>,
+    /// What each granted `host:port` resolved to, for wasi:sockets TCP
+    /// connects: looked up at the first connect that needs it, once.
+    resolved: Mutex<HashMap<(String, u16), Vec<SocketAddr>>>,
     /// Longest a wasi:http request may wait to connect or between bytes.
     timeout: Duration,
     /// Connections refused (HTTP requests and TCP connects), for statistics.
@@ -95,12 +112,12 @@ struct NetPolicy {
 impl Sandbox {
     pub fn new(state_dir: PathBuf, grants: Grants, timeout: Duration) -> Sandbox {
         let env = grants.env.iter().filter_map(|name| std::env::var(name).ok().map(|v| (name.clone(), v))).collect();
-        // A name that does not resolve now (the remote is down, DNS is out)
-        // only means no TCP address is allowed for it this run: an outage
-        // must not stop the build.
-        let addrs =
-            grants.net.iter().flat_map(|g| (g.host.as_str(), g.port).to_socket_addrs().into_iter().flatten()).collect();
-        let net = Arc::new(NetPolicy { authorities: grants.net.clone(), addrs, timeout, denied: AtomicU64::new(0) });
+        let net = Arc::new(NetPolicy {
+            authorities: grants.net.clone(),
+            resolved: Mutex::new(HashMap::new()),
+            timeout,
+            denied: AtomicU64::new(0),
+        });
         Sandbox { state_dir, grants, env, net }
     }
 
@@ -129,20 +146,22 @@ impl Sandbox {
         // counted); only granted peers pass it.
         let net = self.net.clone();
         wasi.allow_tcp(true).allow_ip_name_lookup(!self.grants.net.is_empty()).socket_addr_check(move |addr, usage| {
-            let allowed = match usage {
-                SocketAddrUse::TcpConnect => {
-                    let granted = net.addrs.contains(&addr);
-                    if !granted {
-                        net.denied.fetch_add(1, Ordering::Relaxed);
+            let net = net.clone();
+            Box::pin(async move {
+                match usage {
+                    SocketAddrUse::TcpConnect => {
+                        let granted = net.allows_connect(addr);
+                        if !granted {
+                            net.denied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        granted
                     }
-                    granted
+                    // The implicit bind before a connect: any port of the wildcard
+                    // address, which lets nobody in (listening is refused below).
+                    SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                    _ => false,
                 }
-                // The implicit bind before a connect: any port of the wildcard
-                // address, which lets nobody in (listening is refused below).
-                SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
-                _ => false,
-            };
-            Box::pin(async move { allowed })
+            })
         });
         if let Some(prefix) = &self.grants.stderr_prefix {
             wasi.stderr(PrefixedStderr { prefix: prefix.clone() });
@@ -157,6 +176,76 @@ impl Sandbox {
     pub fn http_gate(&self) -> HttpGate {
         HttpGate { net: self.net.clone() }
     }
+}
+
+impl NetPolicy {
+    /// Whether the plugin may look `name` up: only a granted name, or an
+    /// address written out, which no resolver ever sees.
+    fn allows_lookup(&self, name: &str) -> bool {
+        let name = normal_host(name);
+        name.parse::<IpAddr>().is_ok() || self.authorities.iter().any(|g| g.host == name)
+    }
+
+    /// Whether a TCP connect to `addr` reaches a granted peer: the grant's
+    /// port, and an address its name resolves to. Each name is resolved at
+    /// most once per process, when a connect first needs it, on the calling
+    /// plugin thread (whose call deadline bounds a resolver that hangs). A
+    /// name that does not resolve (the remote is down, DNS is out) allows
+    /// nothing this time and is tried again next time.
+    fn allows_connect(&self, addr: SocketAddr) -> bool {
+        for grant in self.authorities.iter().filter(|g| g.port == addr.port()) {
+            if grant.host.parse::<IpAddr>().is_ok_and(|ip| ip.to_canonical() == addr.ip().to_canonical()) {
+                return true;
+            }
+            let key = (grant.host.clone(), grant.port);
+            let known = self.resolved.lock().unwrap().get(&key).cloned();
+            let addrs = match known {
+                Some(addrs) => addrs,
+                None => match (grant.host.as_str(), grant.port).to_socket_addrs() {
+                    Ok(found) => {
+                        let found: Vec<SocketAddr> = found.collect();
+                        self.resolved.lock().unwrap().insert(key, found.clone());
+                        found
+                    }
+                    Err(_) => continue,
+                },
+            };
+            if addrs.iter().any(|a| a.ip().to_canonical() == addr.ip().to_canonical()) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Replaces wasmtime-wasi's `wasi:sockets/ip-name-lookup.resolve-addresses`,
+/// which resolves any name once lookups are allowed, with one that resolves
+/// only the names [`NetPolicy::allows_lookup`] admits and refuses the rest
+/// before any query is sent.
+pub fn gate_name_lookups(linker: &mut Linker<super::HostState>) -> Result<()> {
+    linker.allow_shadowing(true);
+    let mut lookup = linker
+        .instance("wasi:sockets/ip-name-lookup@0.2.12")
+        .map_err(|e| anyhow::anyhow!("gating name lookups: {e}"))?;
+    lookup
+        .func_wrap(
+            "resolve-addresses",
+            |mut store: wasmtime::StoreContextMut<'_, super::HostState>,
+             (network, name): (Resource<Network>, String)| {
+                let net = store.data().gate.net.clone();
+                if !net.allows_lookup(&name) {
+                    net.denied.fetch_add(1, Ordering::Relaxed);
+                    return Ok((Err(ErrorCode::AccessDenied),));
+                }
+                match store.data_mut().sockets().resolve_addresses(network, name) {
+                    Ok(stream) => Ok((Ok(stream),)),
+                    Err(e) => Ok((Err(e.downcast()?),)),
+                }
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("gating name lookups: {e}"))?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Decides each wasi:http request by its authority (host and port, the
@@ -231,7 +320,8 @@ impl StdoutStream for PrefixedStderr {
     }
 }
 
-/// Buffers a partial line so that each line appears whole, with the prefix.
+/// Buffers a partial line so that each line appears whole, with the prefix,
+/// and with nothing in it a terminal would interpret (see `text`).
 struct LinePrefixer {
     prefix: String,
     partial: Vec<u8>,
@@ -247,18 +337,22 @@ impl LinePrefixer {
 
     fn push(&mut self, bytes: &[u8]) {
         self.partial.extend_from_slice(bytes);
-        let mut out = Vec::new();
+        let mut out = String::new();
+        let mut emit = |line: &[u8]| {
+            out.push_str(&self.prefix);
+            out.push_str(&super::text::stderr_line(&String::from_utf8_lossy(line)));
+            out.push('\n');
+        };
         while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            out.extend_from_slice(self.prefix.as_bytes());
-            out.extend(self.partial.drain(..=i));
+            emit(&self.partial[..i]);
+            self.partial.drain(..=i);
         }
         if self.partial.len() > MAX_LINE {
-            out.extend_from_slice(self.prefix.as_bytes());
-            out.append(&mut self.partial);
-            out.push(b'\n');
+            emit(&self.partial);
+            self.partial.clear();
         }
         // Losing a diagnostic line is better than failing the plugin's call.
-        let _ = std::io::stderr().write_all(&out);
+        let _ = std::io::stderr().write_all(out.as_bytes());
     }
 }
 

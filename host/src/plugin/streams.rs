@@ -3,7 +3,9 @@
 //! `FileSource` lets a plugin read a stored body (for `write-body`); `BodySink`
 //! takes what a plugin writes (for `read-body`) into any writer, refusing
 //! anything past the announced size. Both work on plain blocking files: plugin
-//! calls run on dedicated threads, never on an async executor.
+//! calls run on dedicated threads, never on an async executor. Both count the
+//! bytes that cross them, which is what earns a body call its time (see
+//! `deadline`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,17 +14,20 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use wasmtime_wasi::p2::{InputStream, OutputStream, Pollable, StreamError, StreamResult};
 
+use super::deadline::Progress;
+
 /// How much a plugin may read or write per call: large enough that a body
 /// crosses in few calls, small enough to bound the copy held in memory.
 const CHUNK: usize = 1 << 20;
 
 pub struct FileSource {
     file: File,
+    progress: Progress,
 }
 
 impl FileSource {
-    pub fn new(file: File) -> Self {
-        FileSource { file }
+    pub fn new(file: File, progress: Progress) -> Self {
+        FileSource { file, progress }
     }
 }
 
@@ -39,6 +44,7 @@ impl InputStream for FileSource {
             return Err(StreamError::Closed);
         }
         buf.truncate(n);
+        self.progress.add(n);
         Ok(Bytes::from(buf))
     }
 }
@@ -55,12 +61,13 @@ pub struct SinkTarget<W> {
 
 pub struct BodySink<W> {
     target: Arc<Mutex<SinkTarget<W>>>,
+    progress: Progress,
 }
 
 impl<W: Write + Send + 'static> BodySink<W> {
-    pub fn new(writer: W, limit: u64) -> (Self, Arc<Mutex<SinkTarget<W>>>) {
+    pub fn new(writer: W, limit: u64, progress: Progress) -> (Self, Arc<Mutex<SinkTarget<W>>>) {
         let target = Arc::new(Mutex::new(SinkTarget { writer, written: 0, limit, failed: None }));
-        (BodySink { target: target.clone() }, target)
+        (BodySink { target: target.clone(), progress }, target)
     }
 }
 
@@ -84,6 +91,7 @@ impl<W: Write + Send + 'static> OutputStream for BodySink<W> {
             return Err(StreamError::LastOperationFailed(e.into()));
         }
         t.written += bytes.len() as u64;
+        self.progress.add(bytes.len());
         Ok(())
     }
 

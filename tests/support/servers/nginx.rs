@@ -102,6 +102,10 @@ http {{
 }
 
 impl RemoteServer for Nginx {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
     fn backend(&self) -> Backend {
         self.backend_at("/gocp", PASSWORD)
     }

@@ -114,6 +114,10 @@ impl Redis {
 }
 
 impl RemoteServer for Redis {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
     fn backend(&self) -> Backend {
         self.backend_with_env_password(PASSWORD)
     }

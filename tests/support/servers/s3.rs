@@ -68,6 +68,10 @@ impl Versitygw {
 }
 
 impl RemoteServer for Versitygw {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
     fn backend(&self) -> Backend {
         self.backend_with(&[], SECRET_KEY)
     }

@@ -75,6 +75,10 @@ property_manager: null
 }
 
 impl RemoteServer for WsgiDav {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
     fn backend(&self) -> Backend {
         self.backend_at("/gocp", PASSWORD)
     }

@@ -1,20 +1,104 @@
 //! A plugin that misbehaves on purpose, for the sandbox tests. `--config
-//! attack=NAME` picks what it does; `port=N` is the local port to try for the
-//! network attacks. Every attempt to reach something is recorded as one line
-//! in `/state/report`: `NAME: ALLOWED ...` if it worked, `NAME: denied ...` if
+//! attack=NAME` picks what it does (see [`Attack`]; an unknown name is an
+//! invalid configuration); `port=N` is the local port to try for the network
+//! attacks. Every attempt to reach something is recorded as one line in
+//! `/state/report`: `NAME: ALLOWED ...` if it worked, `NAME: denied ...` if
 //! not, so a test can tell containment from a plugin that never tried.
 
 use std::fs::OpenOptions;
 use std::hint::black_box;
 use std::io::{Read, Write};
+use std::str::FromStr;
 use std::time::Duration;
 
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, OutputStream, export_backend, write_all,
 };
 
+/// What the plugin does; `describe` lists every name, and the test suite
+/// checks that each is used by some test.
+#[derive(Clone, Copy, PartialEq)]
+enum Attack {
+    /// Nothing: an empty store.
+    None,
+    /// Tries to read files outside its grants.
+    Files,
+    /// Connects to `port` over TCP and HTTP.
+    Net,
+    /// Resolves a name it was not granted, and `localhost`.
+    Dns,
+    /// Reads `GOCP_TEST_SECRET`.
+    Env,
+    /// Spins in `read-entry` until stopped.
+    Loop,
+    /// Sleeps in `read-entry` (blocked in the host, beyond interruption).
+    Sleep,
+    /// Allocates in `read-entry` until the memory limit.
+    Alloc,
+    /// Panics in `read-entry`.
+    Panic,
+    /// Writes protocol-looking text to stdout and a line to stderr.
+    Stdout,
+    /// Answers bodies whose bytes are not their output id's.
+    WrongBytes,
+    /// Says the backend is down on every lookup.
+    Unavailable,
+    /// Says the backend is down with a long message full of terminal escapes.
+    NoisyErrors,
+    /// Has every entry; each body sends 1 KiB, stalls, then fails as unavailable.
+    StallBody,
+    /// Claims a 400 MiB body for every entry, sends 1 KiB of it and sleeps.
+    BigClaim,
+    /// `open` says the backend is down.
+    OpenUnavailable,
+    /// `open` panics.
+    OpenPanic,
+    /// `open` spins until stopped.
+    OpenLoop,
+    /// `open` sleeps (blocked in the host).
+    OpenSleep,
+    /// The first `open` of a state directory succeeds, every later one
+    /// sleeps; lookups panic, so instances are replaced.
+    LaterOpensSleep,
+}
+
+const ATTACKS: &[(&str, Attack)] = &[
+    ("none", Attack::None),
+    ("files", Attack::Files),
+    ("net", Attack::Net),
+    ("dns", Attack::Dns),
+    ("env", Attack::Env),
+    ("loop", Attack::Loop),
+    ("sleep", Attack::Sleep),
+    ("alloc", Attack::Alloc),
+    ("panic", Attack::Panic),
+    ("stdout", Attack::Stdout),
+    ("wrong-bytes", Attack::WrongBytes),
+    ("unavailable", Attack::Unavailable),
+    ("noisy-errors", Attack::NoisyErrors),
+    ("stall-body", Attack::StallBody),
+    ("big-claim", Attack::BigClaim),
+    ("open-unavailable", Attack::OpenUnavailable),
+    ("open-panic", Attack::OpenPanic),
+    ("open-loop", Attack::OpenLoop),
+    ("open-sleep", Attack::OpenSleep),
+    ("later-opens-sleep", Attack::LaterOpensSleep),
+];
+
+impl FromStr for Attack {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Attack, Error> {
+        ATTACKS
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| Error::InvalidConfig(format!("attack={s}: no such attack")))
+    }
+}
+
 struct Hostile {
-    attack: String,
+    attack: Attack,
 }
 
 fn report(what: &str, outcome: Result<String, String>) {
@@ -74,6 +158,28 @@ fn http(port: u16) {
     report("http", outcome);
 }
 
+fn dns() {
+    use wasi::sockets::{instance_network::instance_network, ip_name_lookup::resolve_addresses};
+    let network = instance_network();
+    for (what, name) in [("dns-ungranted", "leak-hunter2.attacker.example"), ("dns-granted", "localhost")] {
+        let outcome = resolve_addresses(&network, name).map_err(|e| format!("{e:?}")).and_then(|stream| {
+            stream.subscribe().block();
+            match stream.resolve_next_address() {
+                Ok(Some(addr)) => Ok(format!("{name} resolved to {addr:?}")),
+                Ok(None) => Err(format!("{name} has no address")),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        });
+        report(what, outcome);
+    }
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn env() {
     report(
         "env",
@@ -89,54 +195,72 @@ impl Backend for Hostile {
             summary: "misbehaves on purpose, for tests".into(),
             max_instances: 0,
             config_keys: vec![
-                ConfigKey { name: "attack".into(), help: "what to try".into() },
+                ConfigKey {
+                name: "attack".into(),
+                help: format!("what to try: {}", ATTACKS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")),
+            },
                 ConfigKey { name: "port".into(), help: "local port for network attacks".into() },
             ],
         }
     }
 
     fn open(mut config: Config) -> Result<(Self, Capabilities), Error> {
-        let attack = config.take("attack").unwrap_or_default();
+        let attack: Attack = config.take("attack").as_deref().unwrap_or("none").parse()?;
         let port: u16 = config.take("port").and_then(|p| p.parse().ok()).unwrap_or(0);
         config.finish()?;
-        match attack.as_str() {
-            "files" => files(),
-            "net" => {
+        match attack {
+            Attack::Files => files(),
+            Attack::Net => {
                 tcp(port);
                 http(port);
             }
-            "env" => env(),
+            Attack::Dns => dns(),
+            Attack::Env => env(),
+            Attack::OpenUnavailable => return Err(Error::Unavailable("the backend is down at open".into())),
+            Attack::OpenPanic => panic!("the hostile plugin panics in open"),
+            Attack::OpenLoop => loop {
+                black_box(0);
+            },
+            Attack::OpenSleep => sleep_forever(),
+            Attack::LaterOpensSleep => {
+                if std::fs::File::create_new("/state/opened").is_err() {
+                    sleep_forever();
+                }
+            }
             _ => {}
         }
-        let stores_bodies = attack == "wrong-bytes";
+        let stores_bodies = matches!(attack, Attack::WrongBytes | Attack::StallBody | Attack::BigClaim);
         Ok((Hostile { attack }, Capabilities { stores_bodies }))
     }
 
     fn read_entry(&mut self, _action_id: &Digest) -> Result<Entry, Error> {
-        match self.attack.as_str() {
-            "loop" => loop {
+        match self.attack {
+            Attack::Loop => loop {
                 black_box(0);
             },
-            "sleep" => {
-                std::thread::sleep(Duration::from_secs(3600));
-                Err(Error::NotFound)
-            }
-            "alloc" => {
+            Attack::Sleep => sleep_forever(),
+            Attack::Alloc => {
                 let mut hoard = Vec::new();
                 loop {
                     hoard.push(black_box(vec![1u8; 1 << 20]));
                 }
             }
-            "panic" => panic!("the hostile plugin panics"),
-            "stdout" => {
+            Attack::Panic | Attack::LaterOpensSleep => panic!("the hostile plugin panics"),
+            Attack::Stdout => {
                 // Looks like protocol traffic; must never reach the go command.
                 println!("{{\"ID\":1,\"Miss\":true}}");
                 print!("not json at all\n\n");
                 eprintln!("hostile says hello on stderr");
                 Err(Error::NotFound)
             }
-            "wrong-bytes" => Ok(Entry { output_id: [7; 32], size: 1000, put_time_ns: 1 }),
-            "unavailable" => Err(Error::Unavailable("the backend is down".into())),
+            Attack::WrongBytes => Ok(Entry { output_id: [7; 32], size: 1000, put_time_ns: 1 }),
+            Attack::Unavailable => Err(Error::Unavailable("the backend is down".into())),
+            Attack::NoisyErrors => Err(Error::Unavailable(format!(
+                "\u{1b}]0;owned\u{7}\u{1b}[2J\ngocp: a forged line\r{}",
+                "x".repeat(8 << 20)
+            ))),
+            Attack::StallBody => Ok(Entry { output_id: [8; 32], size: 1 << 20, put_time_ns: 1 }),
+            Attack::BigClaim => Ok(Entry { output_id: [9; 32], size: 400 << 20, put_time_ns: 1 }),
             _ => Err(Error::NotFound),
         }
     }
@@ -146,7 +270,18 @@ impl Backend for Hostile {
     }
 
     fn read_body(&mut self, _output_id: &Digest, size: u64, sink: &OutputStream) -> Result<(), Error> {
-        write_all(sink, &vec![0xAB; size as usize])
+        match self.attack {
+            Attack::StallBody => {
+                write_all(sink, &[0xAB; 1024])?;
+                std::thread::sleep(Duration::from_millis(200));
+                Err(Error::Unavailable("the body stalled".into()))
+            }
+            Attack::BigClaim => {
+                write_all(sink, &[0xAB; 1024])?;
+                sleep_forever()
+            }
+            _ => write_all(sink, &vec![0xAB; size as usize]),
+        }
     }
 }
 
