@@ -1,5 +1,7 @@
 //! Builds the shipped plugins (the `plugins/` workspace) for wasm32-wasip2 and
-//! embeds them: `OUT_DIR/embedded.rs` lists each one's name, bytes and SHA-256.
+//! embeds them: `OUT_DIR/builtin.rs` lists each one's name, bytes and SHA-256.
+//! Which plugins are built in is said once, in `plugins/Cargo.toml`
+//! (`[workspace.metadata.gocp] builtin`).
 //!
 //! The plugins get a target directory of their own next to the host's, because
 //! the host build holds the lock on its own; and the host's RUSTFLAGS are
@@ -13,7 +15,6 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-const PLUGINS: &[&str] = &["disk", "memory", "http", "s3", "redis"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
@@ -22,6 +23,7 @@ fn main() {
     let plugins_dir = root.join("plugins");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
 
+    let plugins = builtin_names(&plugins_dir.join("Cargo.toml"));
     for path in ["wit", "plugins/Cargo.toml", "plugins/Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
@@ -41,7 +43,7 @@ fn main() {
     // Only the shipped plugins: a crate still being written elsewhere in the
     // workspace must not break the host's build.
     let mut args = vec!["build".to_string(), "--release".into(), "--target".into(), TARGET.into()];
-    for name in PLUGINS {
+    for name in &plugins {
         args.push("-p".into());
         args.push(format!("gocp-plugin-{name}"));
     }
@@ -62,8 +64,8 @@ fn main() {
         panic!("building the plugins in {} failed:\n{stderr}", plugins_dir.display());
     }
 
-    let mut list = String::from("pub const EMBEDDED: &[EmbeddedPlugin] = &[\n");
-    for name in PLUGINS {
+    let mut list = String::from("pub const BUILTIN: &[Builtin] = &[\n");
+    for name in &plugins {
         let wasm = target_dir.join(TARGET).join("release").join(format!("gocp_plugin_{name}.wasm"));
         let bytes = fs::read(&wasm).unwrap_or_else(|e| panic!("reading {}: {e}", wasm.display()));
         let copy = out_dir.join(format!("{name}.wasm"));
@@ -71,13 +73,31 @@ fn main() {
         let hash = Sha256::digest(&bytes);
         writeln!(
             list,
-            "    EmbeddedPlugin {{ name: {name:?}, wasm: include_bytes!({copy:?}), sha256: {:?} }},",
+            "    Builtin {{ name: {name:?}, wasm: include_bytes!({copy:?}), sha256: {:?} }},",
             hash.as_slice()
         )
         .unwrap();
     }
     list.push_str("];\n");
-    write_if_changed(&out_dir.join("embedded.rs"), list.as_bytes());
+    write_if_changed(&out_dir.join("builtin.rs"), list.as_bytes());
+}
+
+/// The `builtin = [...]` list of `[workspace.metadata.gocp]` in the plugins'
+/// Cargo.toml: one line of quoted names.
+fn builtin_names(manifest: &Path) -> Vec<String> {
+    let text = fs::read_to_string(manifest).unwrap_or_else(|e| panic!("reading {}: {e}", manifest.display()));
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("builtin = ["))
+        .unwrap_or_else(|| panic!("{} has no `builtin = [...]` line", manifest.display()));
+    let names: Vec<String> = line
+        .trim_end_matches(']')
+        .split(',')
+        .map(|n| n.trim().trim_matches('"').to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    assert!(!names.is_empty(), "no built-in plugins listed in {}", manifest.display());
+    names
 }
 
 /// Leaves unchanged files alone so that include_bytes! does not force a rebuild.

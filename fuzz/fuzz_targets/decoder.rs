@@ -10,7 +10,12 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod protocol;
 
-use protocol::{Command, Decoder};
+// The protocol names its digests with the host's domain types.
+#[path = "../../host/src/domain.rs"]
+#[allow(dead_code)]
+mod domain;
+
+use protocol::{Body, Command, Decoder};
 
 struct Counter(u64);
 
@@ -36,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
                 if let Command::Put { body_size, .. } = request.command {
                     let mut body = Counter(0);
                     match decoder.read_body(request.id, body_size, &mut body) {
-                        Ok(Ok(Ok(()))) => assert_eq!(body.0, body_size, "accepted a body of the wrong size"),
+                        Ok(Body::Complete) => assert_eq!(body.0, body_size, "accepted a body of the wrong size"),
                         Ok(_) => {}
                         Err(_) => return,
                     }

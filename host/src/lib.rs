@@ -1,18 +1,20 @@
 //! gocp-host: serves the go command's build cache (GOCACHEPROG) from a cache
-//! backend plugin, a sandboxed WebAssembly component.
+//! backend, by default a plugin: a sandboxed WebAssembly component.
 //!
-//! A request flows `protocol` (decode) -> `server` (policy, threads) ->
-//! `store` (the local files the go command reads), `local_entries` (the local
-//! tier in front of a plugin that stores elsewhere) and `plugin` (the backend).
-//! `cli` sets it all up; `stats` counts; `breaker` pauses a failing plugin.
+//! A request flows `protocol` (decode) -> `serve` (policy, threads) -> `local`
+//! (the files the go command reads, and the local tier's entries) and, when
+//! this machine cannot answer it, `backend` (the seam), behind which `plugin`
+//! runs the WebAssembly component. `cli` sets it all up; `stats` counts;
+//! `manifest` is the format of what a session used; `domain` holds the
+//! types they all speak of; `text` makes a backend's text safe to print.
 
-pub mod breaker;
+pub mod backend;
 pub mod cli;
-pub mod local_entries;
+pub mod domain;
+pub mod local;
 pub mod manifest;
 pub mod plugin;
 pub mod protocol;
-pub mod server;
-pub mod sessions;
+pub mod serve;
 pub mod stats;
-pub mod store;
+pub mod text;

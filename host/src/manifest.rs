@@ -24,8 +24,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::plugin::Entry;
-use crate::store::Digest;
+use crate::domain::{Digest, Entry};
 
 const MAGIC: &[u8] = b"gocp manifest v1\n";
 /// Per item: action id, output id, size and put time, then the length of the

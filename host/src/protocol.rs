@@ -16,8 +16,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
-/// A SHA-256 digest as the protocol carries it (ActionID, OutputID).
-pub type Digest = [u8; 32];
+pub use crate::domain::Digest;
 
 /// Longest request line accepted. Real requests are under 300 bytes; the bound
 /// only stops garbage without newlines from growing a buffer without end.
@@ -94,15 +93,18 @@ pub enum BodyError {
     SizeMismatch { expected: u64, actual: u64 },
 }
 
-/// What a body sink reports: the body was framed and decoded, or its content
-/// was bad (the sink got a prefix and must be discarded), or the sink failed.
-pub type BodyResult = Result<Result<(), BodyError>, BodyWriteError>;
-
-/// The writer given a body failed (disk full, say). The body was still read to
-/// its end, so the stream remains in step.
-#[derive(Debug, thiserror::Error)]
-#[error("storing body: {0}")]
-pub struct BodyWriteError(pub io::Error);
+/// How a put's body ended, when the stream itself held: read to its end
+/// either way, so the next request can be read.
+#[derive(Debug)]
+pub enum Body {
+    /// Decoded whole into the sink.
+    Complete,
+    /// Not what its request says (the sink got a prefix and must be
+    /// discarded): only this put fails.
+    Bad(BodyError),
+    /// The sink failed (a full disk, say).
+    SinkFailed(io::Error),
+}
 
 /// Reads requests from the go command's stream.
 pub struct Decoder<R> {
@@ -135,11 +137,11 @@ impl<R: BufRead> Decoder<R> {
         }
     }
 
-    /// Consumes the body of a put request, decoding it into `sink`. Returns the
-    /// sink's outcome; `Err` only when the stream itself is broken.
-    pub fn read_body(&mut self, id: i64, body_size: u64, sink: &mut dyn Write) -> Result<BodyResult, DecodeError> {
+    /// Consumes the body of a put request, decoding it into `sink`. `Err`
+    /// only when the stream itself is broken.
+    pub fn read_body(&mut self, id: i64, body_size: u64, sink: &mut dyn Write) -> Result<Body, DecodeError> {
         if body_size == 0 {
-            return Ok(Ok(Ok(())));
+            return Ok(Body::Complete);
         }
         self.skip_whitespace()?;
         let buf = self.input.fill_buf()?;
@@ -308,20 +310,20 @@ impl<'a> BodyDecoder<'a> {
         }
     }
 
-    fn finish(mut self, expected: u64) -> BodyResult {
+    fn finish(mut self, expected: u64) -> Body {
         if !self.pending.is_empty() {
             self.invalid = true;
         }
         if let Some(e) = self.write_error.take() {
-            return Err(BodyWriteError(e));
+            return Body::SinkFailed(e);
         }
         if self.invalid {
-            return Ok(Err(BodyError::InvalidBase64));
+            return Body::Bad(BodyError::InvalidBase64);
         }
         if self.decoded != expected {
-            return Ok(Err(BodyError::SizeMismatch { expected, actual: self.decoded }));
+            return Body::Bad(BodyError::SizeMismatch { expected, actual: self.decoded });
         }
-        Ok(Ok(()))
+        Body::Complete
     }
 }
 
@@ -453,7 +455,7 @@ mod tests {
             assert_eq!(req.id, 5);
             let Command::Put { body_size, .. } = req.command else { panic!("not a put") };
             let mut got = Vec::new();
-            dec.read_body(5, body_size, &mut got).unwrap().unwrap().unwrap();
+            assert!(matches!(dec.read_body(5, body_size, &mut got).unwrap(), Body::Complete));
             assert_eq!(got, body, "step {step}");
             let req = dec.next_request().unwrap().unwrap();
             assert!(matches!(req.command, Command::Put { body_size: 0, .. }));
@@ -475,7 +477,7 @@ mod tests {
         let mut dec = Decoder::new(stream.as_bytes());
         dec.next_request().unwrap().unwrap();
         let mut got = Vec::new();
-        dec.read_body(1, 4, &mut got).unwrap().unwrap().unwrap();
+        assert!(matches!(dec.read_body(1, 4, &mut got).unwrap(), Body::Complete));
         assert_eq!(got, body);
     }
 
@@ -494,8 +496,8 @@ mod tests {
             );
             let mut dec = Decoder::new(stream.as_bytes());
             dec.next_request().unwrap().unwrap();
-            let got = dec.read_body(1, 3, &mut io::sink()).unwrap().unwrap();
-            assert_eq!(got, Err(want), "body {body}");
+            let got = dec.read_body(1, 3, &mut io::sink()).unwrap();
+            assert!(matches!(&got, Body::Bad(e) if *e == want), "body {body}: {got:?}");
             assert_eq!(dec.next_request().unwrap().unwrap().id, 2);
         }
     }
@@ -511,7 +513,7 @@ mod tests {
             dec.next_request().unwrap().unwrap();
             match dec.read_body(1, 3, &mut io::sink()) {
                 Err(_) => {}
-                Ok(Ok(Err(BodyError::InvalidBase64))) if tail.contains('\\') => {}
+                Ok(Body::Bad(BodyError::InvalidBase64)) if tail.contains('\\') => {}
                 other => panic!("tail {tail:?}: {other:?}"),
             }
         }

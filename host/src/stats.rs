@@ -1,151 +1,178 @@
-//! Counters of what one run did, for `--verbose` and `--stats-json`.
+//! The figures of one run, for `--verbose`, `--stats-json` and the benchmark.
 //!
-//! Updated from every thread with relaxed atomics: the figures are reported
-//! once, at exit, and nothing branches on them.
+//! Every figure is a counter declared once, in the list below, with its
+//! meaning: that one line makes it a field to add to, a key of
+//! `--stats-json` (its name), and part of the `--verbose` line when it is
+//! not zero. Counters are relaxed atomics updated from every thread: they are
+//! read once, at exit, and nothing branches on them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::plugin::ShutdownReport;
-
+/// A figure that only grows.
 #[derive(Default)]
-pub struct Stats {
-    pub gets: AtomicU64,
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    /// Hits answered from local disk without asking the plugin (the local
-    /// tier, or a put of this session).
-    pub hits_local: AtomicU64,
-    /// Hits whose body the plugin supplied (it was not on local disk).
-    pub hits_fetched: AtomicU64,
-    /// Actions listed by a manifest found at the start (see `manifest`).
-    pub manifest_items: AtomicU64,
-    /// Outputs brought into the local tier ahead of the go command's
-    /// requests, from that list (carried in it, or fetched from the plugin).
-    pub prefetched: AtomicU64,
-    pub hit_bytes: AtomicU64,
-    pub puts: AtomicU64,
-    pub put_bytes: AtomicU64,
-    /// Puts whose bytes were already stored locally.
-    pub puts_deduplicated: AtomicU64,
-    /// Puts that could not be stored locally (answered with an error).
-    pub put_failures: AtomicU64,
-    /// Unavailable or broken answers from the plugin.
-    pub plugin_errors: AtomicU64,
-    /// Calls that trapped: a panic, an invalid operation, the memory limit.
-    pub plugin_traps: AtomicU64,
-    /// Calls stopped at their deadline (or given up on, if stuck in the host).
-    pub plugin_timeouts: AtomicU64,
-    /// Gets answered as misses without asking the plugin, while it was paused.
-    pub skipped_while_paused: AtomicU64,
-    /// Puts kept only locally because the plugin was paused.
-    pub local_only_puts: AtomicU64,
-    /// Puts kept only locally because too many were waiting to be recorded.
-    pub puts_not_recorded: AtomicU64,
-    /// Bodies from the plugin rejected for a wrong hash or size.
-    pub rejected_bodies: AtomicU64,
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
 }
 
-/// The figures as reported; field names are the JSON keys.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// The counters of one run.
+        #[derive(Default)]
+        pub struct Stats {
+            $($(#[doc = $doc])* pub $name: Counter,)*
+        }
+
+        /// The counters' values at one moment; field names are the JSON keys.
+        #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone)]
+        pub struct Counts {
+            $(pub $name: u64,)*
+        }
+
+        impl Stats {
+            pub fn counts(&self) -> Counts {
+                Counts { $($name: self.$name.get(),)* }
+            }
+        }
+
+        impl Counts {
+            /// Every counter by name, in the order declared.
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Get requests.
+    gets,
+    hits,
+    misses,
+    /// Hits answered from this machine without asking the backend (the local
+    /// tier, or a put of this session).
+    hits_local,
+    /// Hits whose body the backend supplied (it was not on this machine).
+    hits_fetched,
+    /// Actions listed by a manifest found at the start (see `manifest`).
+    manifest_items,
+    /// Outputs brought into the local tier ahead of the go command's
+    /// requests, from that list (carried in it, or fetched from the backend).
+    prefetched,
+    hit_bytes,
+    puts,
+    put_bytes,
+    /// Puts whose bytes were already stored locally.
+    puts_deduplicated,
+    /// Puts that could not be stored locally (answered with an error).
+    put_failures,
+    /// Unavailable or broken answers from the backend.
+    plugin_errors,
+    /// Calls that trapped: a panic, an invalid operation, the memory limit.
+    plugin_traps,
+    /// Calls stopped at their deadline (or given up on, if stuck in the host).
+    plugin_timeouts,
+    /// Instances replaced after a trap or timeout.
+    plugin_restarts,
+    /// Threads given up on, stuck in a call beyond interruption.
+    plugin_stuck,
+    /// Times repeated outages paused the backend.
+    breaker_trips,
+    /// Connections the backend tried without a grant, refused by the sandbox.
+    network_denials,
+    /// Gets answered as misses without asking the backend, while it was paused.
+    skipped_while_paused,
+    /// Puts kept only locally because the backend was paused.
+    local_only_puts,
+    /// Puts kept only locally because too many were waiting to be recorded.
+    puts_not_recorded,
+    /// Bodies from the backend rejected for a wrong hash or size.
+    rejected_bodies,
+    /// Time spent inside backend calls.
+    plugin_ms,
+    /// The whole session.
+    wall_ms,
+}
+
+/// The figures as reported: which backend, and every counter.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Summary {
     pub plugin: String,
-    pub gets: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub hits_local: u64,
-    pub hits_fetched: u64,
-    pub manifest_items: u64,
-    pub prefetched: u64,
-    pub hit_bytes: u64,
-    pub puts: u64,
-    pub put_bytes: u64,
-    pub puts_deduplicated: u64,
-    pub put_failures: u64,
-    pub plugin_errors: u64,
-    pub plugin_traps: u64,
-    pub plugin_timeouts: u64,
-    /// Instances replaced after a trap or timeout.
-    pub plugin_restarts: u64,
-    /// Plugin threads given up on, stuck in a call beyond interruption.
-    pub plugin_stuck: u64,
-    /// Times repeated outages paused the plugin.
-    pub breaker_trips: u64,
-    /// Connections the plugin tried without a grant, refused by the sandbox.
-    pub network_denials: u64,
-    pub skipped_while_paused: u64,
-    pub local_only_puts: u64,
-    pub puts_not_recorded: u64,
-    pub rejected_bodies: u64,
-    pub plugin_ms: u64,
-    pub wall_ms: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
 }
 
-impl Stats {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Relaxed);
-    }
-
-    pub fn summary(
-        &self,
-        plugin: &str,
-        plugin_time: Duration,
-        wall: Duration,
-        shutdown: &ShutdownReport,
-        breaker_trips: u64,
-        network_denials: u64,
-    ) -> Summary {
-        Summary {
-            plugin: plugin.to_string(),
-            gets: self.gets.load(Relaxed),
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            hits_local: self.hits_local.load(Relaxed),
-            hits_fetched: self.hits_fetched.load(Relaxed),
-            manifest_items: self.manifest_items.load(Relaxed),
-            prefetched: self.prefetched.load(Relaxed),
-            hit_bytes: self.hit_bytes.load(Relaxed),
-            puts: self.puts.load(Relaxed),
-            put_bytes: self.put_bytes.load(Relaxed),
-            puts_deduplicated: self.puts_deduplicated.load(Relaxed),
-            put_failures: self.put_failures.load(Relaxed),
-            plugin_errors: self.plugin_errors.load(Relaxed),
-            plugin_traps: self.plugin_traps.load(Relaxed),
-            plugin_timeouts: self.plugin_timeouts.load(Relaxed),
-            plugin_restarts: shutdown.restarts,
-            plugin_stuck: shutdown.stuck as u64,
-            breaker_trips,
-            network_denials,
-            skipped_while_paused: self.skipped_while_paused.load(Relaxed),
-            local_only_puts: self.local_only_puts.load(Relaxed),
-            puts_not_recorded: self.puts_not_recorded.load(Relaxed),
-            rejected_bodies: self.rejected_bodies.load(Relaxed),
-            plugin_ms: plugin_time.as_millis() as u64,
-            wall_ms: wall.as_millis() as u64,
-        }
-    }
-}
+/// Counters the sentence of `--verbose` already says.
+const IN_THE_SENTENCE: &[&str] = &[
+    "gets",
+    "hits",
+    "misses",
+    "puts",
+    "put_bytes",
+    "plugin_errors",
+    "plugin_traps",
+    "plugin_timeouts",
+    "rejected_bodies",
+    "plugin_ms",
+    "wall_ms",
+];
 
 impl Summary {
-    /// The one line `--verbose` prints at exit.
+    /// The one line `--verbose` prints at exit: the usual sentence, then any
+    /// other counter that is not zero.
     pub fn line(&self) -> String {
-        format!(
+        let c = &self.counts;
+        let mut line = format!(
             "gocp: plugin {}: {} gets ({} hits, {} misses), {} puts ({}), {} plugin errors, {} ms in plugin, {} ms total",
             self.plugin,
-            self.gets,
-            self.hits,
-            self.misses,
-            self.puts,
-            human_bytes(self.put_bytes),
-            self.plugin_errors + self.plugin_traps + self.plugin_timeouts + self.rejected_bodies,
-            self.plugin_ms,
-            self.wall_ms
-        )
+            c.gets,
+            c.hits,
+            c.misses,
+            c.puts,
+            human_bytes(c.put_bytes),
+            c.plugin_errors + c.plugin_traps + c.plugin_timeouts + c.rejected_bodies,
+            c.plugin_ms,
+            c.wall_ms
+        );
+        for (name, value) in c.named() {
+            if value != 0 && !IN_THE_SENTENCE.contains(&name) {
+                line.push_str(&format!("; {} {value}", name.replace('_', " ")));
+            }
+        }
+        line
     }
 }
 
 fn human_bytes(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_reaches_json_and_the_verbose_line() {
+        let stats = Stats::default();
+        stats.gets.add(3);
+        stats.hits.add(2);
+        stats.prefetched.add(7);
+        let summary = Summary { plugin: "disk 0.1.0".into(), counts: stats.counts() };
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["prefetched"], 7);
+        assert_eq!(json["plugin"], "disk 0.1.0");
+        assert_eq!(json.as_object().unwrap().len(), 1 + summary.counts.named().len());
+        let line = summary.line();
+        assert!(line.starts_with("gocp: plugin disk 0.1.0: 3 gets (2 hits, 0 misses)"), "{line}");
+        assert!(line.ends_with("; prefetched 7"), "{line}");
+    }
 }

@@ -86,7 +86,14 @@ fn checksum_holds(path: &Path) -> bool {
     // SAFETY: a private, read-only mapping of a file only this user can
     // write, unmapped before returning; only read as bytes.
     let Ok(map) = (unsafe {
-        rustix::mm::mmap(std::ptr::null_mut(), len, rustix::mm::ProtFlags::READ, rustix::mm::MapFlags::PRIVATE, &file, 0)
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::PRIVATE,
+            &file,
+            0,
+        )
     }) else {
         return false;
     };

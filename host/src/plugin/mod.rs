@@ -1,43 +1,39 @@
-//! Running cache backend plugins: WebAssembly components of the world in
-//! `wit/gocp.wit`.
+//! Running cache backends that are WebAssembly components of the world in
+//! `wit/gocp.wit`: the plugin runtime, which implements `backend::Backend`.
 //!
-//! It owns finding a plugin (embedded by name or a file), compiling or loading
-//! its compiled form, the sandbox and limits each instance runs under, the
-//! typed calls, and the pool of instances on their own threads. It knows
-//! nothing of the GOCACHEPROG protocol, and it must never let a plugin's
-//! failure escape as anything but a [`CallError`].
+//! It owns finding a plugin (built in by name, or a file: `builtin`),
+//! compiling or loading its compiled form (`artifact`), the sandbox and
+//! limits each instance runs under (`sandbox`), the WASI streams bodies cross
+//! (`streams`), and the typed calls into an instance under their deadlines,
+//! which it enforces inside WebAssembly code through epoch interruption (the
+//! serving core's watchdog catches what blocks in the host). It knows nothing
+//! of the GOCACHEPROG protocol, and must never let a plugin's failure escape
+//! as anything but a [`CallError`].
 
 mod artifact;
 mod bindings;
-pub mod conformance;
-mod deadline;
-pub mod embedded;
-pub mod inspect;
-mod pool;
+pub mod builtin;
 mod sandbox;
 mod streams;
-pub mod text;
 
-use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::Digest as _;
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-pub use bindings::{Capabilities, Info};
-pub use pool::{Body, Pool, ShutdownReport, Watch, Worker};
-pub use sandbox::{DirGrant, Grants, NetGrant};
+use crate::backend::{self, BodySink, BodySource, CallError, Deadline, Digest, Entry, Progress, ReadBody};
+use crate::text;
 
-pub type Digest = [u8; 32];
+pub use bindings::{Capabilities, Info};
+pub use sandbox::{DirGrant, Grants, NetGrant};
 
 /// How often the engine's epoch advances while a plugin call is running: the
 /// resolution of call deadlines.
@@ -48,22 +44,28 @@ const TICK: Duration = Duration::from_millis(10);
 /// budgets are seconds, and an idle helper should not wake 100 times a second
 /// through a long build.
 const IDLE_TICK: Duration = Duration::from_millis(250);
-/// Extra time the first instance's start gets beyond the call timeout before
+/// Extra time the first instance's start gets beyond its deadline before
 /// gocp gives up on it and serves without the plugin: the same grace the
 /// watchdog gives a stuck call.
 const START_GRACE: Duration = Duration::from_secs(1);
 
+/// Instances of a plugin that talks to the network, unless the user says
+/// otherwise: its calls mostly wait on round trips, so the number that keeps a
+/// build busy depends on latency, not on cores. Each costs a thread and the
+/// plugin's memory (a few MiB for the shipped ones).
+pub const NETWORK_INSTANCES: usize = 16;
+
 /// Where a plugin's code comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    Embedded(&'static embedded::EmbeddedPlugin),
+    Embedded(&'static builtin::Builtin),
     File(PathBuf),
 }
 
 impl Source {
     /// `disk`, `memory`, ... name an embedded plugin; anything else is a path.
     pub fn parse(spec: &str) -> Source {
-        match embedded::find(spec) {
+        match builtin::find(spec) {
             Some(p) if !spec.contains('/') => Source::Embedded(p),
             _ => Source::File(PathBuf::from(spec)),
         }
@@ -78,7 +80,7 @@ impl Source {
 
     /// The directory under the state root that holds the plugin's `/state`:
     /// named after the plugin file, so that its data survives upgrades of it.
-    fn state_dir_name(&self) -> String {
+    pub fn state_dir_name(&self) -> String {
         let name = match self {
             Source::Embedded(p) => p.name.to_string(),
             Source::File(path) => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -116,38 +118,9 @@ pub struct Options {
     /// plugin that imports network interfaces.
     pub max_instances: Option<usize>,
     /// How long one call may take (calls moving a body get more for every
-    /// byte that moves, see `deadline`).
+    /// byte that moves, see `backend::deadline`); also the longest a wasi:http
+    /// request may wait to connect or between bytes.
     pub call_timeout: Duration,
-}
-
-/// What the host sees of a plugin entry (a validated `entry`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    pub output_id: Digest,
-    pub size: u64,
-    pub put_time_ns: u64,
-}
-
-/// A plugin call that did not succeed. `Trap` and `Timeout` mean the instance
-/// is gone and will be replaced; the others are the plugin's own answers.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    #[error("backend unavailable: {0}")]
-    Unavailable(String),
-    #[error("backend broken: {0}")]
-    Broken(String),
-    #[error("plugin failed: {0:#}")]
-    Trap(anyhow::Error),
-    #[error("plugin call ran out of time after {:.1}s", .0.as_secs_f64())]
-    Timeout(Duration),
-}
-
-impl CallError {
-    /// Whether the failure says the backend cannot be reached or cannot cope,
-    /// so that calling it again right away is likely to fail too.
-    pub fn is_outage(&self) -> bool {
-        matches!(self, CallError::Unavailable(_) | CallError::Trap(_) | CallError::Timeout(_))
-    }
 }
 
 /// Per-instance host state: the WASI context with the plugin's grants.
@@ -158,7 +131,7 @@ pub struct HostState {
     table: ResourceTable,
     limits: StoreLimits,
     /// The call in progress, for the epoch callback.
-    call: Option<deadline::Deadline>,
+    call: Option<Deadline>,
 }
 
 impl WasiView for HostState {
@@ -173,20 +146,16 @@ impl WasiHttpView for HostState {
     }
 }
 
-/// Instances of a plugin that talks to the network, unless the user says
-/// otherwise: its calls mostly wait on round trips, so the number that keeps a
-/// build busy depends on latency, not on cores. Each costs a thread and the
-/// plugin's memory (a few MiB for the shipped ones).
-pub const NETWORK_INSTANCES: usize = 16;
-
 /// Compiled code and settings shared by every instance of one plugin.
 pub struct Template {
     engine: Engine,
     in_flight: InFlight,
     /// Whether the plugin imports wasi:http or wasi:sockets.
     networked: bool,
+    /// The interfaces it imports, by name.
+    pub imports: Vec<String>,
     pre: bindings::PluginPre<HostState>,
-    options: Options,
+    pub options: Options,
     sandbox: sandbox::Sandbox,
 }
 
@@ -194,16 +163,7 @@ pub struct Template {
 pub struct Instance {
     store: Store<HostState>,
     plugin: bindings::Plugin,
-    timeout: Duration,
-    /// Set after a trap or timeout: the instance refuses every later call.
-    dead: bool,
-    /// Time spent inside plugin calls, for statistics.
-    pub busy: Duration,
-    /// Lets the pool's watchdog see a call stuck where no deadline reaches.
-    watch: Option<Watch>,
     in_flight: InFlight,
-    /// Bytes the call in progress moved through its body stream.
-    progress: deadline::Progress,
 }
 
 /// Plugin calls running now, across all instances: what tells the epoch
@@ -231,18 +191,24 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// A loaded plugin: its description, what `open` said, and one instance
-/// opened with the user's configuration, ready to run; or, when the plugin
-/// could not be started, what to say about it.
+/// Why `open` did not succeed.
+pub enum OpenError {
+    /// `invalid-config`: the user's mistake, reported as such.
+    Config(String),
+    Failed(CallError),
+}
+
+/// A loaded plugin, as a backend: its description, what `open` said, and
+/// the instance opened at load, handed out first; or, when the plugin could
+/// not be started, what to say about it.
 pub struct Plugin {
     pub info: Info,
     pub capabilities: Capabilities,
+    label: String,
     template: Arc<Template>,
-    first: Option<Instance>,
+    first: Mutex<Option<Instance>>,
     instances: usize,
-    /// Why the plugin could not be started (`open` failed, trapped or hung):
-    /// an outage, not the user's mistake, so the session runs without it.
-    pub unavailable: Option<String>,
+    unavailable: Option<String>,
 }
 
 /// How starting the first instance ended.
@@ -265,9 +231,7 @@ impl Plugin {
         let template = Arc::new(Template::new(options).with_context(|| format!("plugin {what}"))?);
         let (first, info, capabilities, unavailable) = match start_first(&template) {
             Start::Opened(instance, info, caps) => (Some(instance), info, caps, None),
-            Start::Config(name, msg) => {
-                bail!("plugin `{name}`: invalid configuration: {msg}")
-            }
+            Start::Config(name, msg) => bail!("plugin `{name}`: invalid configuration: {msg}"),
             Start::Failed(info, why) => {
                 let info = info.unwrap_or_else(|| Info {
                     name: template.options.source.state_dir_name(),
@@ -292,20 +256,45 @@ impl Plugin {
             n => (n as usize).min(limit),
         }
         .max(1);
-        Ok(Plugin { info, capabilities, template, first, instances, unavailable })
+        let label = format!("{} {}", info.name, info.version);
+        Ok(Plugin { info, capabilities, label, template, first: Mutex::new(first), instances, unavailable })
+    }
+}
+
+impl backend::Backend for Plugin {
+    fn label(&self) -> &str {
+        &self.label
     }
 
-    /// How many instances [`Plugin::run`] starts.
-    pub fn instances(&self) -> usize {
+    fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    fn stores_bodies(&self) -> bool {
+        self.capabilities.stores_bodies
+    }
+
+    fn instances(&self) -> usize {
         self.instances
     }
 
-    /// Starts a thread per instance, each running `body` until it returns.
-    /// An unavailable plugin gets as many threads, which never start an
-    /// instance: they only serve from the local store.
-    pub fn run(self, body: Body) -> Pool {
-        let usable = self.unavailable.is_none();
-        Pool::start(self.template, self.first, self.instances, body, usable)
+    fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
+    }
+
+    fn start(&self, deadline: &Deadline) -> Result<Box<dyn backend::Instance>, CallError> {
+        if let Some(first) = self.first.lock().unwrap().take() {
+            return Ok(Box::new(first));
+        }
+        let instance = self.template.instantiate_open(deadline).map_err(|e| match e {
+            OpenError::Config(m) => CallError::Broken(format!("invalid configuration: {m}")),
+            OpenError::Failed(e) => e,
+        })?;
+        Ok(Box::new(instance))
+    }
+
+    fn network_denials(&self) -> u64 {
+        self.template.sandbox.network_denials()
     }
 }
 
@@ -317,9 +306,10 @@ fn start_first(template: &Arc<Template>) -> Start {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let starting = template.clone();
     let spawned = std::thread::Builder::new().name("plugin-start".into()).spawn(move || {
-        let started = match starting.instantiate(None) {
+        let deadline = Deadline::start(starting.options.call_timeout, &Progress::default());
+        let started = match starting.instantiate(&deadline) {
             Err(e) => Start::Failed(None, format!("{e:#}")),
-            Ok((mut instance, info)) => match instance.open(&starting.options.config) {
+            Ok((mut instance, info)) => match instance.open(&starting.options.config, &deadline) {
                 Ok(caps) => Start::Opened(instance, info, caps),
                 Err(OpenError::Config(msg)) => Start::Config(info.name, msg),
                 Err(OpenError::Failed(e)) => Start::Failed(Some(info), format!("open: {e}")),
@@ -330,17 +320,9 @@ fn start_first(template: &Arc<Template>) -> Start {
     if let Err(e) = spawned {
         return Start::Failed(None, format!("starting a thread: {e}"));
     }
-    // `describe`, then `open`: each has the call timeout.
-    let limit = template.options.call_timeout * 2 + START_GRACE;
+    let limit = template.options.call_timeout + START_GRACE;
     rx.recv_timeout(limit)
         .unwrap_or_else(|_| Start::Failed(None, format!("it did not start within {:.1}s", limit.as_secs_f64())))
-}
-
-/// Why `open` did not succeed.
-pub enum OpenError {
-    /// `invalid-config`: the user's mistake, reported as such.
-    Config(String),
-    Failed(CallError),
 }
 
 /// WASI interfaces whose calls wasmtime-wasi runs through its tokio runtime.
@@ -376,7 +358,8 @@ fn component(engine: &Engine, source: &Source, artifact_dir: &std::path::Path) -
 }
 
 impl Template {
-    fn new(options: Options) -> Result<Template> {
+    /// Compiles (or loads) the plugin and links what it imports; nothing runs yet.
+    pub fn new(options: Options) -> Result<Template> {
         let in_flight = InFlight::default();
         let engine = engine(in_flight.clone())?;
         // Loading the component and defining WASI are independent and each
@@ -416,12 +399,11 @@ impl Template {
             .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
         let state_dir = options.state_root.join(options.source.state_dir_name());
         let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout);
-        Ok(Template { engine, in_flight, networked, pre, options, sandbox })
+        Ok(Template { engine, in_flight, networked, imports, pre, options, sandbox })
     }
 
-    /// A fresh instance, and the plugin's description. With a `watch`,
-    /// `describe` already runs under the pool's watchdog.
-    pub fn instantiate(&self, watch: Option<Watch>) -> Result<(Instance, Info)> {
+    /// A fresh instance, and the plugin's description (`describe` within `deadline`).
+    pub fn instantiate(&self, deadline: &Deadline) -> Result<(Instance, Info)> {
         let state = HostState {
             wasi: self.sandbox.wasi()?,
             http: WasiHttpCtx::new(),
@@ -438,30 +420,18 @@ impl Template {
             let left = ctx.data().call.as_ref().and_then(|d| d.remaining(Instant::now()));
             Ok(left.map_or(UpdateDeadline::Interrupt, |left| UpdateDeadline::Continue(ticks(left))))
         });
-        store.set_epoch_deadline(ticks(self.options.call_timeout));
+        store.data_mut().call = Some(deadline.clone());
+        store.set_epoch_deadline(ticks(deadline.remaining(Instant::now()).unwrap_or_default()));
         let plugin = self.pre.instantiate(&mut store).map_err(|e| anyhow!("instantiating: {e:#}"))?;
-        let mut instance = Instance {
-            store,
-            plugin,
-            timeout: self.options.call_timeout,
-            dead: false,
-            busy: Duration::ZERO,
-            watch,
-            in_flight: self.in_flight.clone(),
-            progress: deadline::Progress::default(),
-        };
-        let info = instance.describe().map_err(|e| anyhow!("describe: {e}"))?;
+        let mut instance = Instance { store, plugin, in_flight: self.in_flight.clone() };
+        let info = instance.describe(deadline).map_err(|e| anyhow!("describe: {e}"))?;
         Ok((instance, info))
     }
 
-    /// A fresh, opened instance to replace one that trapped, watched from
-    /// its first call on.
-    pub fn instantiate_open(&self, watch: Option<Watch>) -> Result<Instance> {
-        let (mut instance, _) = self.instantiate(watch)?;
-        instance.open(&self.options.config).map_err(|e| match e {
-            OpenError::Config(m) => anyhow!("invalid configuration: {m}"),
-            OpenError::Failed(e) => anyhow!("{e}"),
-        })?;
+    /// A fresh instance opened with the user's configuration, within `deadline`.
+    pub fn instantiate_open(&self, deadline: &Deadline) -> Result<Instance, OpenError> {
+        let (mut instance, _) = self.instantiate(deadline).map_err(|e| OpenError::Failed(CallError::Trap(e)))?;
+        instance.open(&self.options.config, deadline)?;
         Ok(instance)
     }
 }
@@ -471,37 +441,22 @@ fn ticks(budget: Duration) -> u64 {
 }
 
 impl Instance {
-    pub fn is_dead(&self) -> bool {
-        self.dead
-    }
-
-    pub(crate) fn set_watch(&mut self, watch: Watch) {
-        self.watch = Some(watch);
-    }
-
-    /// Runs one call under its deadline (see `deadline`), timing it. A trap,
-    /// a timeout or the memory limit kills the instance (it would refuse
-    /// every later call).
+    /// Runs one call within `deadline`, which the epoch callback enforces
+    /// while the plugin's code runs. A trap, a timeout or the memory limit
+    /// leaves the instance unable to take another call; the caller replaces it.
     fn call<T>(
         &mut self,
+        deadline: &Deadline,
         f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        let deadline = deadline::Deadline::start(self.timeout, &self.progress);
-        self.store.set_epoch_deadline(ticks(self.timeout));
-        if let Some(watch) = &self.watch {
-            watch.arm(deadline.clone());
-        }
+        let left = deadline.remaining(Instant::now()).unwrap_or_default();
+        self.store.set_epoch_deadline(ticks(left));
         self.store.data_mut().call = Some(deadline.clone());
         let in_flight = self.in_flight.enter();
         let result = f(&self.plugin, &mut self.store);
         drop(in_flight);
-        self.busy += deadline.elapsed();
-        if let Some(watch) = &self.watch {
-            watch.disarm();
-        }
         self.store.data_mut().call = None;
         result.map_err(|e| {
-            self.dead = true;
             if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                 CallError::Timeout(deadline.elapsed())
             } else {
@@ -512,26 +467,28 @@ impl Instance {
 
     /// What the plugin says it is, with its name and version safe to print
     /// (they appear in messages and statistics).
-    fn describe(&mut self) -> Result<Info, CallError> {
-        let mut info = self.call(|p, s| p.gocp_cache_backend().call_describe(s))?;
+    fn describe(&mut self, deadline: &Deadline) -> Result<Info, CallError> {
+        let mut info = self.call(deadline, |p, s| p.gocp_cache_backend().call_describe(s))?;
         info.name = text::one_line(&info.name);
         info.version = text::one_line(&info.version);
         Ok(info)
     }
 
-    fn open(&mut self, config: &[(String, String)]) -> Result<Capabilities, OpenError> {
-        match self.call(|p, s| p.gocp_cache_backend().call_open(s, config)) {
+    /// Opens the instance with `config`.
+    pub fn open(&mut self, config: &[(String, String)], deadline: &Deadline) -> Result<Capabilities, OpenError> {
+        match self.call(deadline, |p, s| p.gocp_cache_backend().call_open(s, config)) {
             Ok(Ok(caps)) => Ok(caps),
             Ok(Err(bindings::Error::InvalidConfig(m))) => Err(OpenError::Config(text::one_line(&m))),
             Ok(Err(e)) => Err(OpenError::Failed(plugin_error(e))),
             Err(e) => Err(OpenError::Failed(e)),
         }
     }
+}
 
-    /// The entry for `action_id`: `Ok(None)` is an ordinary miss.
-    pub fn read_entry(&mut self, action_id: &Digest) -> Result<Option<Entry>, CallError> {
+impl backend::Instance for Instance {
+    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<Entry>, CallError> {
         let id = action_id.to_vec();
-        match self.call(|p, s| p.gocp_cache_backend().call_read_entry(s, &id))? {
+        match self.call(deadline, |p, s| p.gocp_cache_backend().call_read_entry(s, &id))? {
             Ok(e) => {
                 let output_id = e.output_id.as_slice().try_into().map_err(|_| {
                     CallError::Broken(format!("read-entry returned an output id of {} bytes", e.output_id.len()))
@@ -543,52 +500,53 @@ impl Instance {
         }
     }
 
-    /// Has the plugin write the body of `output_id` into `writer`, refusing
-    /// more than `size` bytes. `Ok(Err(()))` means the plugin does not have
-    /// it. The caller verifies what was written.
-    pub fn read_body<W: Write + Send + 'static>(
+    fn read_body(
         &mut self,
         output_id: &Digest,
         size: u64,
-        writer: W,
-    ) -> Result<Result<W, ()>, CallError> {
-        let (sink, target) = streams::BodySink::new(writer, size, self.progress.clone());
-        let sink: DynOutputStream = Box::new(sink);
-        let handle = self.store.data_mut().table.push(sink).map_err(|e| CallError::Trap(e.into()))?;
-        let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
+        sink: BodySink,
+        deadline: &Deadline,
+    ) -> Result<ReadBody, CallError> {
+        let (stream, sink) = streams::WriteStream::new(sink);
+        let stream: DynOutputStream = Box::new(stream);
+        let handle = self.store.data_mut().table.push(stream).map_err(|e| CallError::Trap(e.into()))?;
+        let borrowed = Resource::new_borrow(handle.rep());
         let id = output_id.to_vec();
-        let result = self.call(|p, s| p.gocp_cache_backend().call_read_body(s, &id, size, borrowed));
+        let result = self.call(deadline, |p, s| p.gocp_cache_backend().call_read_body(s, &id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
-        let outcome = result?;
-        let target = Arc::into_inner(target).expect("the sink was dropped with the table entry").into_inner().unwrap();
-        match outcome {
-            Ok(()) if target.failed.is_none() => Ok(Ok(target.writer)),
-            Ok(()) => Err(CallError::Broken(target.failed.unwrap_or_default())),
-            Err(bindings::Error::NotFound) => Ok(Err(())),
+        let sink = sink.take().expect("the sink is handed back only here");
+        match result? {
+            Ok(()) => Ok(ReadBody::Written(sink)),
+            Err(bindings::Error::NotFound) => Ok(ReadBody::NotFound),
             Err(e) => Err(plugin_error(e)),
         }
     }
 
-    /// Hands the plugin a stored body, readable from `file`.
-    pub fn write_body(&mut self, output_id: &Digest, size: u64, file: File) -> Result<(), CallError> {
-        let source: DynInputStream = Box::new(streams::FileSource::new(file, self.progress.clone()));
-        let handle = self.store.data_mut().table.push(source).map_err(|e| CallError::Trap(e.into()))?;
-        let borrowed = wasmtime::component::Resource::new_borrow(handle.rep());
+    fn write_body(
+        &mut self,
+        output_id: &Digest,
+        size: u64,
+        source: BodySource,
+        deadline: &Deadline,
+    ) -> Result<(), CallError> {
+        let stream: DynInputStream = Box::new(streams::ReadStream::new(source));
+        let handle = self.store.data_mut().table.push(stream).map_err(|e| CallError::Trap(e.into()))?;
+        let borrowed = Resource::new_borrow(handle.rep());
         let id = output_id.to_vec();
-        let result = self.call(|p, s| p.gocp_cache_backend().call_write_body(s, &id, size, borrowed));
+        let result = self.call(deadline, |p, s| p.gocp_cache_backend().call_write_body(s, &id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         result?.map_err(plugin_error)
     }
 
-    pub fn write_entry(&mut self, action_id: &Digest, entry: &Entry) -> Result<(), CallError> {
+    fn write_entry(&mut self, action_id: &Digest, entry: &Entry, deadline: &Deadline) -> Result<(), CallError> {
         let wire =
             bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
         let id = action_id.to_vec();
-        self.call(|p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
+        self.call(deadline, |p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
     }
 
-    pub fn finish(&mut self) -> Result<(), CallError> {
-        self.call(|p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
+    fn finish(&mut self, deadline: &Deadline) -> Result<(), CallError> {
+        self.call(deadline, |p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
     }
 }
 

@@ -21,8 +21,8 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -30,13 +30,13 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use wasmtime::StoreLimits;
 use wasmtime::component::{Linker, Resource};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::Network;
 use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::Host as _;
 use wasmtime_wasi::p2::bindings::sockets::network::ErrorCode;
-use wasmtime_wasi::sockets::WasiSocketsView;
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::sockets::WasiSocketsView;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 

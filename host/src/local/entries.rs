@@ -30,8 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::plugin::Entry;
-use crate::store::Digest;
+use crate::domain::{Digest, Entry};
 
 /// A temporary rewrite older than this was abandoned.
 const STALE_REWRITE: Duration = Duration::from_secs(3600);

@@ -1,5 +1,6 @@
 //! The command line: flags (each with a GOCP_* environment variable, since
-//! GOCACHEPROG strings get long), start-up checks, and the end-of-run report.
+//! GOCACHEPROG strings get long), start-up checks, the subcommands
+//! (`plugin-test`, `--help-plugin`), and the end-of-run report.
 //!
 //! It owns turning what the user typed into settings and every configuration
 //! mistake into one clear line before anything is served. It must never touch
@@ -15,12 +16,17 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
-use crate::local_entries::LocalEntries;
+mod help_plugin;
+mod plugin_test;
+
+use std::sync::Arc;
+
+use crate::local::entries::LocalEntries;
+use crate::local::store::{Store, TrimPolicy};
+use crate::local::{LocalTier, sessions};
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
-use crate::server::{self, Ending, Settings};
-use crate::sessions;
+use crate::serve::{self, Ending, Settings};
 use crate::stats::Summary;
-use crate::store::{Store, TrimPolicy};
 
 const ABOUT: &str = "Serves the go command's build cache (GOCACHEPROG) from a cache backend plugin: \
 a sandboxed WebAssembly component.";
@@ -31,7 +37,7 @@ Use it by setting GOCACHEPROG for the go command:
   GOCACHEPROG=\"gocp-host --plugin memory\" go test ./...      another built-in plugin
   GOCACHEPROG=\"gocp-host --plugin ./b.wasm --config k=v\" ...  your own plugin
 
-Built-in plugins: disk (persistent, the default), memory (lasts one go command).
+Built-in plugins: {builtin} (gocp-host --plugin NAME --help-plugin for each).
 A plugin sees only what is granted: its own directory (/state), --allow-dir grants,
 no environment, no network. Writing a plugin: see wit/gocp.wit in the source.
 
@@ -40,7 +46,7 @@ counts as unset); options that repeat take several space-separated values there,
 quoted like GOCACHEPROG when a value holds spaces (GOCP_CONFIG=\"a=1 'b=two words'\").";
 
 #[derive(Debug, Parser)]
-#[command(name = "gocp-host", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(name = "gocp-host", version, about = ABOUT)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Subcommand>,
@@ -212,10 +218,13 @@ fn default_dir() -> Result<PathBuf> {
 /// the command line must never be split (GOCACHEPROG already quoted it).
 /// `None` when clap printed what was asked (--help, --version).
 fn parse() -> Result<Option<Cli>> {
-    let mut command = Cli::command();
+    let builtin: Vec<&str> = plugin::builtin::names().collect();
+    let mut command = Cli::command().after_help(AFTER_HELP.replace("{builtin}", &builtin.join(", ")));
     let with_env: Vec<(clap::Id, std::ffi::OsString, bool)> = command
         .get_arguments()
-        .filter_map(|a| Some((a.get_id().clone(), a.get_env()?.to_owned(), matches!(a.get_action(), ArgAction::Append))))
+        .filter_map(|a| {
+            Some((a.get_id().clone(), a.get_env()?.to_owned(), matches!(a.get_action(), ArgAction::Append)))
+        })
         .collect();
     for (id, var, repeated) in with_env {
         let Some(value) = std::env::var_os(&var) else { continue };
@@ -301,7 +310,7 @@ pub fn run() -> Result<ExitCode> {
     if let Source::File(path) = &source
         && !path.exists()
     {
-        let names: Vec<&str> = plugin::embedded::names().collect();
+        let names: Vec<&str> = plugin::builtin::names().collect();
         bail!("plugin {}: no such file, and not a built-in plugin ({})", path.display(), names.join(", "));
     }
     let dir = match &cli.dir {
@@ -316,12 +325,12 @@ pub fn run() -> Result<ExitCode> {
         // A scratch /state: the checks write entries the user must not inherit.
         let scratch = tempfile::tempdir().context("creating a scratch state directory")?;
         let options = plugin_options(&cli, &spec, source, &dir, scratch.path(), Some(4));
-        let report = plugin::conformance::run(options)?;
+        let report = plugin_test::run(options, scratch.path())?;
         print!("{}", report.table());
         return Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     if cli.help_plugin {
-        print!("{}", plugin::inspect::describe(&source, &dir.join("compiled"), &dir.join("plugins"))?);
+        print!("{}", help_plugin::describe(&source, &dir.join("compiled"), &dir.join("plugins"))?);
         return Ok(ExitCode::SUCCESS);
     }
     if io::stdin().is_terminal() {
@@ -337,7 +346,7 @@ pub fn run() -> Result<ExitCode> {
             // disk): the build must go on, so serve it without a cache.
             eprintln!("gocp: state directory {} cannot be written ({e}); this build runs uncached", dir.display());
             let (input, output) = take_protocol_streams()?;
-            let ending = server::serve_uncached(BufReader::new(input), output);
+            let ending = serve::serve_uncached(BufReader::new(input), output);
             return Ok(exit_code(ending));
         }
     };
@@ -348,11 +357,11 @@ pub fn run() -> Result<ExitCode> {
     let plugin =
         Plugin::load(plugin_options(&cli, &spec, source, &dir, &dir.join("plugins"), cli.instances.map(usize::from)))?;
     // Bodies kept elsewhere get a local tier of entries in front (see
-    // server); so does a session whose plugin could not start, which keeps
-    // what it stores on this machine alone.
-    let local = if plugin.capabilities.stores_bodies {
+    // `local`); so does a session whose plugin could not start (it says it
+    // keeps bodies), which keeps what it stores on this machine alone.
+    let entries = if plugin.capabilities.stores_bodies {
         match LocalEntries::open(&dir) {
-            Ok(local) => Some(local),
+            Ok(entries) => Some(entries),
             Err(e) => {
                 eprintln!("gocp: local entries: {e} (the build goes on; every get asks the plugin)");
                 None
@@ -366,6 +375,7 @@ pub fn run() -> Result<ExitCode> {
     let settings = Settings {
         trim: TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: cli.trim_interval },
         drain_timeout: cli.drain_timeout,
+        call_timeout: cli.plugin_timeout,
         state_dir: dir.clone(),
     };
     let report = |summary: &Summary| {
@@ -379,7 +389,7 @@ pub fn run() -> Result<ExitCode> {
             }
         }
     };
-    let ending = server::serve(plugin, store, local, settings, input, output, &report);
+    let ending = serve::serve(Arc::new(plugin), LocalTier::new(store, entries), settings, input, output, &report);
     Ok(exit_code(ending))
 }
 

@@ -1,16 +1,16 @@
-//! How long a plugin call may run: its timeout, plus whatever time the bytes
-//! it actually moved earn at a minimum pace.
+//! How long a backend call may run: its timeout, plus whatever time the
+//! bytes it actually moved earn at a minimum pace.
 //!
 //! A body of hundreds of megabytes needs more than the timeout, but what a
-//! plugin claims about a body must never buy it time: a claimed size is only
+//! backend claims about a body must never buy it time: a claimed size is only
 //! a number, and an entry claiming 64 GiB would otherwise hold a get for
-//! hours. So a call's time grows with the bytes that crossed the body
-//! streams (counted by `streams`), and a body that stalls runs out of time
-//! one timeout after its last progress at most.
+//! hours. So a call's time grows with the bytes that crossed the core's body
+//! sink or source (see `serve::stages`), and a body that stalls runs out of
+//! time one timeout after its last progress at most.
 //!
-//! Both enforcers read the same figures: the epoch callback, for a call
-//! running WebAssembly code, and the pool's watchdog, for a call blocked
-//! inside the host where no epoch check reaches.
+//! Every enforcer reads the same figures: the serving core's watchdog, for
+//! any call, and a backend's own means of stopping one (the plugin runtime's
+//! epoch callback, for a call running WebAssembly code).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

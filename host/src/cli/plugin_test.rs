@@ -2,16 +2,23 @@
 //! plugin and reports each check, so that a plugin author (in any language)
 //! learns what the host would object to before users do.
 //!
-//! It owns only those checks and calls the plugin exactly as the server does;
-//! it must never change what a plugin is allowed (the same sandbox applies).
+//! It owns only those checks. It calls the plugin as serving does, and
+//! bodies it reads back go through the same stages and the same verifying
+//! store (a scratch one); it must never change what a plugin is allowed (the
+//! same sandbox applies).
 
 use std::io::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
 
-use super::{Entry, Instance, Options, Template};
+use crate::backend::{Deadline, Entry, Instance as _, Progress, ReadBody};
+use crate::domain::now_ns;
+use crate::local::store::{CommitError, Store};
+use crate::plugin::{Instance, OpenError, Options, Template};
+use crate::serve::stages;
 
 /// One line of the report.
 pub struct Check {
@@ -49,21 +56,25 @@ fn digest(label: &str) -> [u8; 32] {
     Sha256::digest(format!("gocp plugin-test {label} {}", now_ns()).as_bytes()).into()
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+/// A deadline for one call, as serving gives it.
+fn deadline(timeout: Duration) -> Deadline {
+    Deadline::start(timeout, &Progress::default())
 }
 
 /// Runs every check. `options` says which plugin, with which configuration
-/// and grants, as for serving.
-pub fn run(options: Options) -> Result<Report> {
+/// and grants, as for serving; `scratch` is a directory to keep bodies read
+/// back in.
+pub fn run(options: Options, scratch: &Path) -> Result<Report> {
     let what = options.source.describe();
+    let timeout = options.call_timeout;
     let template = Template::new(options).with_context(|| format!("plugin {what}"))?;
+    let store = Store::open(&scratch.join("local")).context("creating a scratch store")?;
     let mut checks = Vec::new();
     let mut check = |name: &str, result: Result<(), String>| {
         checks.push(Check { name: name.to_string(), failure: result.err() });
     };
 
-    let (mut probe, info) = template.instantiate(None).with_context(|| format!("plugin {what}"))?;
+    let (mut probe, info) = template.instantiate(&deadline(timeout)).with_context(|| format!("plugin {what}"))?;
     check(
         "describe: a name and a version",
         if info.name.trim().is_empty() || info.version.trim().is_empty() {
@@ -82,20 +93,20 @@ pub fn run(options: Options) -> Result<Report> {
     let unknown = vec![("gocp-plugin-test-unknown-key".to_string(), "1".to_string())];
     check(
         "open rejects an unknown config key with invalid-config",
-        match probe.open(&unknown) {
-            Err(super::OpenError::Config(_)) => Ok(()),
-            Err(super::OpenError::Failed(e)) => Err(format!("failed another way: {e}")),
+        match probe.open(&unknown, &deadline(timeout)) {
+            Err(OpenError::Config(_)) => Ok(()),
+            Err(OpenError::Failed(e)) => Err(format!("failed another way: {e}")),
             Ok(_) => Err("accepted it: a typo in --config would go unnoticed".into()),
         },
     );
 
-    let (mut first, _) = template.instantiate(None).with_context(|| format!("plugin {what}"))?;
-    let stores_bodies = match first.open(&template.options.config) {
+    let (mut first, _) = template.instantiate(&deadline(timeout)).with_context(|| format!("plugin {what}"))?;
+    let stores_bodies = match first.open(&template.options.config, &deadline(timeout)) {
         Ok(caps) => caps.stores_bodies,
         Err(e) => {
             let why = match e {
-                super::OpenError::Config(m) => format!("invalid-config: {m}"),
-                super::OpenError::Failed(e) => e.to_string(),
+                OpenError::Config(m) => format!("invalid-config: {m}"),
+                OpenError::Failed(e) => e.to_string(),
             };
             check("open with the given configuration", Err(why));
             return Ok(Report { plugin: format!("{} {}", info.name, info.version), checks });
@@ -106,41 +117,45 @@ pub fn run(options: Options) -> Result<Report> {
     let action = digest("action");
     check(
         "read-entry of an unknown action is not-found",
-        match first.read_entry(&action) {
+        match first.read_entry(&action, &deadline(timeout)) {
             Ok(None) => Ok(()),
             Ok(Some(e)) => Err(format!("returned {}", show(&e))),
             Err(e) => Err(e.to_string()),
         },
     );
     let entry = Entry { output_id: digest("output"), size: 1234, put_time_ns: now_ns() };
-    check("write-entry then read-entry returns it", put_then_get(&mut first, &action, &entry));
-    check("write-entry is idempotent", put_then_get(&mut first, &action, &entry));
+    check("write-entry then read-entry returns it", put_then_get(&mut first, timeout, &action, &entry));
+    check("write-entry is idempotent", put_then_get(&mut first, timeout, &action, &entry));
     let newer = Entry { output_id: digest("output 2"), size: 99, put_time_ns: now_ns() };
-    check("write-entry replaces an older entry", put_then_get(&mut first, &action, &newer));
+    check("write-entry replaces an older entry", put_then_get(&mut first, timeout, &action, &newer));
 
     if stores_bodies {
         for size in [0usize, 1024, 8 << 20] {
             let body: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
-            check(&format!("write-body then read-body, {size} bytes"), body_round_trip(&mut first, &body));
+            check(
+                &format!("write-body then read-body, {size} bytes"),
+                body_round_trip(&mut first, timeout, &store, scratch, &body),
+            );
         }
-        check(
-            "read-body of an unknown output is not-found",
-            match first.read_body(&digest("no body"), 10, Vec::new()) {
-                Ok(Err(())) => Ok(()),
-                Ok(Ok(bytes)) => Err(format!("wrote {} bytes", bytes.len())),
+        check("read-body of an unknown output is not-found", {
+            let progress = Progress::default();
+            let sink = stages::body_in(store.begin().context("scratch store")?, 10, &progress);
+            match first.read_body(&digest("no body"), 10, sink, &deadline(timeout)) {
+                Ok(ReadBody::NotFound) => Ok(()),
+                Ok(ReadBody::Written(_)) => Err("it wrote a body".into()),
                 Err(e) => Err(e.to_string()),
-            },
-        );
+            }
+        });
     }
 
     if info.max_instances != 1 {
-        let mut second = template.instantiate_open(None).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let mut second = template.instantiate_open(&deadline(timeout)).map_err(open_error)?;
         let shared_action = digest("shared action");
         let shared = Entry { output_id: digest("shared output"), size: 7, put_time_ns: now_ns() };
         check(
             "an entry written by one instance is read by another",
-            first.write_entry(&shared_action, &shared).map_err(|e| e.to_string()).and_then(|()| {
-                match second.read_entry(&shared_action) {
+            first.write_entry(&shared_action, &shared, &deadline(timeout)).map_err(|e| e.to_string()).and_then(|()| {
+                match second.read_entry(&shared_action, &deadline(timeout)) {
                     Ok(Some(e)) if e == shared => Ok(()),
                     Ok(Some(e)) => Err(format!("the second instance read {}", show(&e))),
                     Ok(None) => Err("the second instance says not-found".into()),
@@ -150,13 +165,13 @@ pub fn run(options: Options) -> Result<Report> {
         );
         let threads: Vec<_> = (0..4)
             .map(|t| {
-                let mut instance = template.instantiate_open(None).map_err(|e| anyhow::anyhow!("{e:#}"));
+                let mut instance = template.instantiate_open(&deadline(timeout)).map_err(open_error);
                 std::thread::spawn(move || -> Result<(), String> {
                     let instance = instance.as_mut().map_err(|e| e.to_string())?;
                     for n in 0..50 {
                         let a = digest(&format!("thread {t} action {n}"));
                         let e = Entry { output_id: digest(&format!("thread {t} output {n}")), size: n, put_time_ns: 1 };
-                        put_then_get(instance, &a, &e)?;
+                        put_then_get(instance, timeout, &a, &e)?;
                     }
                     Ok(())
                 })
@@ -168,10 +183,17 @@ pub fn run(options: Options) -> Result<Report> {
             "4 instances writing and reading at once",
             results.into_iter().collect::<Result<Vec<()>, String>>().map(|_| ()),
         );
-        check("finish (second instance)", second.finish().map_err(|e| e.to_string()));
+        check("finish (second instance)", second.finish(&deadline(timeout)).map_err(|e| e.to_string()));
     }
-    check("finish", first.finish().map_err(|e| e.to_string()));
+    check("finish", first.finish(&deadline(timeout)).map_err(|e| e.to_string()));
     Ok(Report { plugin: format!("{} {}", info.name, info.version), checks })
+}
+
+fn open_error(e: OpenError) -> anyhow::Error {
+    match e {
+        OpenError::Config(m) => anyhow::anyhow!("invalid configuration: {m}"),
+        OpenError::Failed(e) => anyhow::anyhow!("{e}"),
+    }
 }
 
 /// An entry as a person reads it: the output id in hex.
@@ -179,9 +201,9 @@ fn show(e: &Entry) -> String {
     format!("{{output {}, {} bytes, put at {} ns}}", hex::encode(e.output_id), e.size, e.put_time_ns)
 }
 
-fn put_then_get(instance: &mut Instance, action: &[u8; 32], entry: &Entry) -> Result<(), String> {
-    instance.write_entry(action, entry).map_err(|e| format!("write-entry: {e}"))?;
-    match instance.read_entry(action) {
+fn put_then_get(instance: &mut Instance, timeout: Duration, action: &[u8; 32], entry: &Entry) -> Result<(), String> {
+    instance.write_entry(action, entry, &deadline(timeout)).map_err(|e| format!("write-entry: {e}"))?;
+    match instance.read_entry(action, &deadline(timeout)) {
         Ok(Some(got)) if got == *entry => Ok(()),
         Ok(Some(got)) => Err(format!("wrote {}, read {}", show(entry), show(&got))),
         Ok(None) => Err("read-entry says not-found right after write-entry".into()),
@@ -189,15 +211,34 @@ fn put_then_get(instance: &mut Instance, action: &[u8; 32], entry: &Entry) -> Re
     }
 }
 
-fn body_round_trip(instance: &mut Instance, body: &[u8]) -> Result<(), String> {
+/// Gives the plugin `body`, reads it back into the scratch store, which
+/// keeps it only if it hashes to its output id.
+fn body_round_trip(
+    instance: &mut Instance,
+    timeout: Duration,
+    store: &Store,
+    scratch: &Path,
+    body: &[u8],
+) -> Result<(), String> {
     let output: [u8; 32] = Sha256::digest(body).into();
-    let mut file = tempfile::tempfile().map_err(|e| e.to_string())?;
-    file.write_all(body).and_then(|()| std::io::Seek::rewind(&mut file)).map_err(|e| e.to_string())?;
-    instance.write_body(&output, body.len() as u64, file).map_err(|e| format!("write-body: {e}"))?;
-    match instance.read_body(&output, body.len() as u64, Vec::new()) {
-        Ok(Ok(got)) if Sha256::digest(&got).as_slice() == output && got.len() == body.len() => Ok(()),
-        Ok(Ok(got)) => Err(format!("read-body gave {} bytes that do not hash to the output id", got.len())),
-        Ok(Err(())) => Err("read-body says not-found right after write-body".into()),
-        Err(e) => Err(format!("read-body: {e}")),
+    let given = scratch.join("given");
+    std::fs::File::create(&given).and_then(|mut f| f.write_all(body)).map_err(|e| e.to_string())?;
+    let file = std::fs::File::open(&given).map_err(|e| e.to_string())?;
+    let progress = Progress::default();
+    let source = stages::body_out(file, &progress);
+    instance
+        .write_body(&output, body.len() as u64, source, &deadline(timeout))
+        .map_err(|e| format!("write-body: {e}"))?;
+    let sink = stages::body_in(store.begin().map_err(|e| e.to_string())?, body.len() as u64, &progress);
+    let writer = match instance.read_body(&output, body.len() as u64, sink, &deadline(timeout)) {
+        Ok(ReadBody::Written(sink)) => sink.finish().map_err(|e| format!("read-body: {e}"))?,
+        Ok(ReadBody::NotFound) => return Err("read-body says not-found right after write-body".into()),
+        Err(e) => return Err(format!("read-body: {e}")),
+    };
+    match store.commit(writer, &output, body.len() as u64) {
+        Ok(_) => Ok(()),
+        Err(CommitError::HashMismatch { .. }) => Err("read-body gave bytes that do not hash to the output id".into()),
+        Err(CommitError::SizeMismatch { actual, .. }) => Err(format!("read-body gave {actual} bytes")),
+        Err(CommitError::Io(e)) => Err(format!("keeping what read-body gave: {e}")),
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{Grants, Options, Source, Template};
+use crate::backend::{Deadline, Progress};
+use crate::plugin::{Grants, Options, Source, Template};
+use crate::text;
 
 /// What each kind of import lets a plugin do, and what the user must grant.
 fn grant_for(import: &str) -> &'static str {
@@ -45,10 +47,12 @@ pub fn describe(source: &Source, artifact_dir: &Path, state_root: &Path) -> Resu
     };
     let what = source.describe();
     let template = Template::new(options).with_context(|| format!("plugin {what}"))?;
-    let (_, info) = template.instantiate(None).with_context(|| format!("plugin {what}"))?;
+    let deadline = Deadline::start(Duration::from_secs(10), &Progress::default());
+    let (_, info) = template.instantiate(&deadline).with_context(|| format!("plugin {what}"))?;
 
     let mut out = String::new();
-    writeln!(out, "{} {}: {}", info.name, info.version, info.summary)?;
+    // The plugin's own words, made safe to print like all its text.
+    writeln!(out, "{} {}: {}", info.name, info.version, text::one_line(&info.summary))?;
     writeln!(out, "source: {what}")?;
     let instances = match info.max_instances {
         0 => "any number at once (its state lives outside the instance)".to_string(),
@@ -62,12 +66,10 @@ pub fn describe(source: &Source, artifact_dir: &Path, state_root: &Path) -> Resu
     }
     let width = info.config_keys.iter().map(|k| k.name.len()).max().unwrap_or(0);
     for key in &info.config_keys {
-        writeln!(out, "  {:width$}  {}", key.name, key.help)?;
+        writeln!(out, "  {:width$}  {}", text::one_line(&key.name), text::one_line(&key.help))?;
     }
     writeln!(out, "\nimports, and the grants they need:")?;
-    let component = template.pre.instance_pre().component().clone();
-    let mut imports: Vec<String> =
-        component.component_type().imports(&template.engine).map(|(name, _)| name.to_string()).collect();
+    let mut imports = template.imports.clone();
     imports.sort();
     let width = imports.iter().map(String::len).max().unwrap_or(0);
     for import in &imports {

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest as _, Sha256};
 
-pub type Digest = [u8; 32];
+use crate::domain::Digest;
 
 /// A use refreshes a file's modification time only when it is older than
 /// this, as Go's own cache does: one metadata write per hour at most.
@@ -167,6 +167,13 @@ impl Store {
         }
         failed.file.persist(&path).map_err(|e| annotate(e.error, "storing", &path))?;
         Ok(path)
+    }
+
+    /// Stores `bytes` as the body of `output_id`, verified like any other.
+    pub fn keep(&self, bytes: &[u8], output_id: &Digest) -> Result<PathBuf, CommitError> {
+        let mut writer = self.begin()?;
+        writer.write_all(bytes)?;
+        self.commit(writer, output_id, bytes.len() as u64)
     }
 
     /// Applies `policy` if the last trim is older than its interval. Nothing

@@ -83,7 +83,8 @@ pub fn oldest_running(state_dir: &Path) -> Option<SystemTime> {
         }
         // A slot being taken right now may not hold its time yet: then the
         // session started just now.
-        let started = text.trim().parse::<u64>().ok().map_or_else(SystemTime::now, |ns| UNIX_EPOCH + Duration::from_nanos(ns));
+        let started =
+            text.trim().parse::<u64>().ok().map_or_else(SystemTime::now, |ns| UNIX_EPOCH + Duration::from_nanos(ns));
         oldest = Some(oldest.map_or(started, |o| o.min(started)));
     }
     oldest

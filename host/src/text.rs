@@ -1,4 +1,4 @@
-//! Text a plugin hands the host (error messages, its name, its stderr), made
+//! Text from a backend (error messages, a plugin's name, its stderr), made
 //! safe to show on the user's terminal.
 //!
 //! A plugin is untrusted, and its text ends up in the user's build output:
@@ -26,8 +26,7 @@ pub fn stderr_line(s: &str) -> String {
 
 fn bounded(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max + 16));
-    let mut kept = 0;
-    for c in s.chars() {
+    for (kept, c) in s.chars().enumerate() {
         if kept == max {
             let rest = s.chars().count() - kept;
             out.push_str(&format!("... ({rest} more characters)"));
@@ -38,7 +37,6 @@ fn bounded(s: &str, max: usize) -> String {
             c if c.is_control() || is_invisible_format(c) => ' ',
             c => c,
         });
-        kept += 1;
     }
     out
 }

@@ -1,0 +1,34 @@
+//! What every part of gocp speaks of: digests, entries and times.
+//!
+//! An action id names a build step, an output id names what it produced (the
+//! SHA-256 of the output's bytes, its body), and an entry says which output an
+//! action produced, how large and since when. The protocol, the local tier,
+//! the backends and the manifests all use these same types; none of them
+//! carries any behaviour here.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A SHA-256 digest: an action id or an output id.
+pub type Digest = [u8; 32];
+
+/// What an action produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// SHA-256 of the body.
+    pub output_id: Digest,
+    /// The body's length in bytes.
+    pub size: u64,
+    /// When the entry was first stored, in nanoseconds since the Unix epoch:
+    /// the go command expires cached test results by it.
+    pub put_time_ns: u64,
+}
+
+/// Now, in nanoseconds since the Unix epoch (0 for a clock before it).
+pub fn now_ns() -> u64 {
+    nanos(SystemTime::now())
+}
+
+/// A time in nanoseconds since the Unix epoch (0 before it).
+pub fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}

@@ -1,0 +1,377 @@
+//! Serving one go command: requests in, responses out, with the local tier
+//! and the backend behind them.
+//!
+//! Every serving thread (`workers`) has its own backend instance and runs
+//! the same loop: take the input, read the next request (decoding a put's
+//! body straight into the local store, since the go command sends it in
+//! line), let go of the input, and answer the request with its own instance.
+//! So no request waits for a hand-off between threads, and a thread stuck in
+//! a backend call holds nothing: the others read on while the watchdog
+//! answers for it.
+//!
+//! Where each part of a session lives:
+//! - `get`: answering a get, from the local tier or through the backend;
+//! - `put`: receiving a put's body into the local store and answering it;
+//! - `record`: having the backend record puts in the background, with a
+//!   backlog, so threads are always left to answer gets;
+//! - `prefetch`: finding the manifest a session starts with, bringing what it
+//!   lists into the local tier, and leaving one at close;
+//! - `stages`: what entries and bodies go through on their way between the
+//!   local tier and the backend;
+//! - `breaker`: pausing a backend that keeps failing;
+//! - `workers`: the threads, their instances, deadlines and the watchdog;
+//! - `responder` and `problems`: the go command's stdout and the user's stderr.
+//!
+//! It owns the policy that no failure of the backend, or of the disk, ever
+//! fails a build: each becomes a miss, a local-only put, or a put error (only
+//! when nothing could be stored), and every request is answered exactly once.
+//! It must never write to stdout except through its `Responder`.
+
+mod breaker;
+mod get;
+mod prefetch;
+mod problems;
+mod put;
+mod record;
+mod responder;
+pub mod stages;
+mod workers;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, CallError, Digest};
+use crate::local::LocalTier;
+use crate::local::store::TrimPolicy;
+use crate::protocol::{Command, DecodeError, Decoder, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS};
+use crate::stats::{Stats, Summary};
+use breaker::Breaker;
+use problems::{Problem, Problems};
+use responder::Responder;
+use workers::{Abandoned, Worker, Workers};
+
+pub use workers::ShutdownReport;
+
+pub struct Settings {
+    pub trim: TrimPolicy,
+    /// The state directory, where running sessions are registered (see
+    /// `local::sessions`).
+    pub state_dir: PathBuf,
+    /// How long one backend call may take, before what its bytes earn.
+    pub call_timeout: Duration,
+    /// How long the threads may take, at the end, to finish the request in
+    /// hand (recording the last puts) and run `finish`.
+    pub drain_timeout: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// The go command sent close (and got its reply).
+    Closed,
+    /// Input ended without close, as it does after `go list`.
+    EndOfInput,
+    /// The input broke the protocol; the stream cannot be followed further.
+    BadInput(DecodeError),
+}
+
+/// The input the go command writes, held by the thread reading a request.
+type Input = Decoder<Box<dyn BufRead + Send>>;
+
+/// What the serving threads share, each piece owned by the type named for it.
+struct Session {
+    local: LocalTier,
+    backend: Arc<dyn Backend>,
+    stats: Stats,
+    problems: Problems,
+    responder: Responder,
+    input: Mutex<Input>,
+    end: End,
+    breaker: Breaker,
+    backlog: record::Backlog,
+    prefetch: prefetch::Prefetch,
+    known: KnownBodies,
+    /// Serving threads: what `record` and `prefetch` must leave free.
+    threads: usize,
+}
+
+/// Serves one go command until it closes (or input ends or breaks), and
+/// hands `report` the session's figures just before answering close.
+pub fn serve(
+    backend: Arc<dyn Backend>,
+    local: LocalTier,
+    settings: Settings,
+    input: impl Read + Send + 'static,
+    output: impl Write + Send + 'static,
+    report: &dyn Fn(&Summary),
+) -> Ending {
+    let started = Instant::now();
+    let threads = backend.instances();
+    let prefetching = local.keeps_entries();
+    let session = Arc::new(Session {
+        stats: Stats::default(),
+        problems: Problems::new(backend.name()),
+        responder: Responder::new(Box::new(output)),
+        input: Mutex::new(Decoder::new(Box::new(BufReader::with_capacity(256 * 1024, input)))),
+        end: End::default(),
+        breaker: Breaker::default(),
+        backlog: record::Backlog::new(threads, backend.stores_bodies()),
+        prefetch: prefetch::Prefetch::new(prefetching, threads),
+        known: KnownBodies::default(),
+        local,
+        backend,
+        threads,
+    });
+    session.responder.send(&Response::capabilities(KNOWN_COMMANDS));
+    if let Some(why) = session.backend.unavailable() {
+        session.breaker.hold();
+        session.problems.report(Problem::Backend, format!("could not start: {why}"));
+    }
+
+    let body: workers::Body = {
+        let session = session.clone();
+        Arc::new(move |worker: &mut Worker| serve_requests(&session, worker))
+    };
+    let mut workers = Workers::start(session.backend.clone(), threads, settings.call_timeout, body);
+    let (ending, close_id) = session.end.wait();
+
+    let shutdown = workers.wait(Instant::now() + settings.drain_timeout);
+    if shutdown.unfinished > 0 {
+        session.problems.report(
+            Problem::Backend,
+            format!("plugin did not finish within {:?}; some puts may not be recorded", settings.drain_timeout),
+        );
+    }
+    for e in &shutdown.finish_errors {
+        session.problems.report(Problem::Backend, format!("finishing: {e}"));
+    }
+    // After broken input the session is cut short: leave housekeeping to the next.
+    if !matches!(ending, Ending::BadInput(_))
+        && let Err(e) = session.local.trim(&settings.trim, &settings.state_dir)
+    {
+        session.problems.report(Problem::Store, e);
+    }
+    let stats = &session.stats;
+    stats.plugin_restarts.add(shutdown.restarts);
+    stats.plugin_stuck.add(shutdown.stuck as u64);
+    stats.breaker_trips.add(session.breaker.trips());
+    stats.network_denials.add(session.backend.network_denials());
+    stats.plugin_ms.add(workers.busy().as_millis() as u64);
+    stats.wall_ms.add(started.elapsed().as_millis() as u64);
+    let summary = Summary { plugin: session.backend.label().to_string(), counts: stats.counts() };
+    // Before the answer to close: once it has that, the go command kills its
+    // helper (cmd/go cancels the command's context), so nothing after it is
+    // sure to happen.
+    report(&summary);
+    if let Some(id) = close_id {
+        // Never an error: cmd/go would fail a successful build over it.
+        session.responder.send(&Response { id, ..Default::default() });
+    }
+    // The go command waits for end of file on our stdout before it exits.
+    session.responder.close();
+    ending
+}
+
+/// What a thread does after reading a request.
+enum Next {
+    Get {
+        id: i64,
+        action_id: Digest,
+    },
+    Record(record::Recording),
+    /// Answered already.
+    Nothing,
+}
+
+/// The loop each serving thread runs until the session is over.
+fn serve_requests(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Abandoned> {
+    loop {
+        let next = {
+            let mut input = session.input.lock().unwrap();
+            if session.end.is_over() {
+                drop(input);
+                return record::drain(session, worker);
+            }
+            match read_next(session, &mut input) {
+                Ok(next) => next,
+                Err((ending, close_id)) => {
+                    let closed = matches!(ending, Ending::Closed);
+                    session.end.set(ending, close_id);
+                    drop(input);
+                    record::drain(session, worker)?;
+                    // Only a session that ended as the go command meant it
+                    // to: after `go list` (no close) the list is partial.
+                    if closed {
+                        prefetch::leave_manifest(session, worker)?;
+                    }
+                    return Ok(());
+                }
+            }
+        };
+        match next {
+            Next::Get { id, action_id } => get::answer(session, worker, id, action_id)?,
+            Next::Record(recording) => record::record_or_queue(session, worker, recording)?,
+            Next::Nothing => {}
+        }
+        prefetch::run_if_due(session, worker)?;
+    }
+}
+
+/// Reads the next request and does what needs no backend. `Err` is the
+/// end, with the close request to answer if there was one.
+fn read_next(session: &Session, input: &mut Input) -> Result<Next, (Ending, Option<i64>)> {
+    let request = match input.next_request() {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err((Ending::EndOfInput, None)),
+        Err(e) => return Err((Ending::BadInput(e), None)),
+    };
+    match request.command {
+        Command::Get { action_id } => Ok(Next::Get { id: request.id, action_id }),
+        Command::Put { action_id, output_id, body_size } => {
+            put::receive(session, input, request.id, action_id, output_id, body_size)
+                .map_err(|e| (Ending::BadInput(e), None))
+        }
+        Command::Close => Err((Ending::Closed, Some(request.id))),
+        Command::Other(name) => {
+            session.responder.send(&Response::error(request.id, format!("unknown command {name:?}")));
+            Ok(Next::Nothing)
+        }
+    }
+}
+
+/// Serves a go command without a cache, when the local store cannot be used:
+/// announces only `close`, so the build goes on, uncached.
+pub fn serve_uncached(input: impl BufRead, output: impl Write + Send + 'static) -> Ending {
+    let responder = Responder::new(Box::new(output));
+    let respond = |r: Response| responder.send(&r);
+    respond(Response::capabilities(UNCACHED_COMMANDS));
+    let mut decoder = Decoder::new(input);
+    let ending = loop {
+        match decoder.next_request() {
+            Ok(None) => break Ending::EndOfInput,
+            Err(e) => break Ending::BadInput(e),
+            Ok(Some(request)) => match request.command {
+                Command::Close => {
+                    respond(Response { id: request.id, ..Default::default() });
+                    break Ending::Closed;
+                }
+                // Not announced, so not expected; answered all the same.
+                Command::Get { .. } => respond(Response::miss(request.id)),
+                Command::Put { body_size, .. } => {
+                    if let Err(e) = decoder.read_body(request.id, body_size, &mut io::sink()) {
+                        break Ending::BadInput(e);
+                    }
+                    respond(Response::error(request.id, "gocp has no usable local store"));
+                }
+                Command::Other(name) => respond(Response::error(request.id, format!("unknown command {name:?}"))),
+            },
+        }
+    };
+    responder.close();
+    ending
+}
+
+/// The end of the session: set once by the thread that reads it.
+#[derive(Default)]
+struct End {
+    over: AtomicBool,
+    ending: Mutex<Option<(Ending, Option<i64>)>>,
+    ended: Condvar,
+}
+
+impl End {
+    fn is_over(&self) -> bool {
+        self.over.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, ending: Ending, close_id: Option<i64>) {
+        self.over.store(true, Ordering::SeqCst);
+        *self.ending.lock().unwrap() = Some((ending, close_id));
+        self.ended.notify_all();
+    }
+
+    fn wait(&self) -> (Ending, Option<i64>) {
+        let mut ending = self.ending.lock().unwrap();
+        loop {
+            if let Some(end) = ending.take() {
+                return end;
+            }
+            ending = self.ended.wait(ending).unwrap();
+        }
+    }
+}
+
+/// Bodies the backend is known to have (stored or supplied this session):
+/// never sent to it again.
+#[derive(Default)]
+struct KnownBodies(Mutex<HashSet<Digest>>);
+
+impl KnownBodies {
+    fn insert(&self, output_id: Digest) {
+        self.0.lock().unwrap().insert(output_id);
+    }
+
+    fn contains(&self, output_id: &Digest) -> bool {
+        self.0.lock().unwrap().contains(output_id)
+    }
+}
+
+impl Session {
+    fn respond_miss(&self, id: i64) {
+        self.stats.misses.add(1);
+        self.responder.send(&Response::miss(id));
+    }
+
+    /// Keeps an entry in the local tier, reporting a failure once.
+    fn remember(&self, action_id: &Digest, entry: &crate::domain::Entry) {
+        if let Err(e) = self.local.remember(action_id, entry) {
+            self.problems.report(Problem::Store, format!("local entries: {e}"));
+        }
+    }
+
+    /// A backend call failed: counted, said once, and an outage for the breaker.
+    fn backend_failed(&self, e: &CallError) {
+        match e {
+            CallError::Trap(_) => self.stats.plugin_traps.add(1),
+            CallError::Timeout(_) => self.stats.plugin_timeouts.add(1),
+            CallError::Unavailable(_) | CallError::Broken(_) => self.stats.plugin_errors.add(1),
+        }
+        self.problems.report(Problem::Backend, e.to_string());
+        if e.is_outage() {
+            self.breaker.outage();
+        }
+    }
+
+    /// A call stuck beyond its deadline and out of reach of interruption.
+    fn backend_stuck(&self) {
+        self.stats.plugin_timeouts.add(1);
+        self.problems.report(Problem::Backend, "a call hung past its deadline; its thread was given up".into());
+        self.breaker.outage();
+    }
+
+    /// No instance could be started for a piece of work.
+    fn no_instance(&self) {
+        self.problems.report(Problem::Backend, "the plugin could not be started again".into());
+        self.breaker.outage();
+    }
+
+    /// What the watchdog does for background work stuck in the backend:
+    /// there is no request to answer, only the outage to note.
+    fn on_stuck(self: &Arc<Self>) -> impl FnOnce() + Send + 'static {
+        let session = self.clone();
+        move || session.backend_stuck()
+    }
+}
+
+fn path_string(path: PathBuf) -> String {
+    // The state directory is checked to be UTF-8 at start-up, and the names
+    // below it are hex.
+    path.into_os_string().into_string().expect("store paths are UTF-8")
+}

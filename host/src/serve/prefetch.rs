@@ -1,0 +1,248 @@
+//! Session manifests at work: finding the one a session starts with,
+//! bringing what it lists into the local tier ahead of the go command, and
+//! leaving one at close for the next machine (the format is `manifest`'s).
+//!
+//! Each of a session's first distinct gets, once answered, looks for a
+//! manifest under a key derived from it; the first one found queues what it
+//! lists. After answering a request, a thread takes a prefetching slot (at
+//! most half the threads, and always leaving two to read requests) and brings
+//! listed outputs in until the list is done or the session ends: small ones
+//! from the manifest itself, the others through the backend, each verified
+//! and stored like any fetched body. At close, after the backlog is recorded,
+//! the reading thread stores the session's manifest as a body and writes a
+//! pointer entry to it under each of its first gets' keys.
+//!
+//! It owns the session's list, the queue and the prefetching slots. Only an
+//! optimisation happens here: a failure is never reported as the build's
+//! problem (the go command's own requests report a real outage), though the
+//! breaker hears of outages.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use sha2::{Digest as _, Sha256};
+
+use super::get::fetch;
+use super::stages;
+use super::workers::{Abandoned, Calls, Worker};
+use super::{Problem, Session};
+use crate::domain::{Digest, Entry, now_ns};
+use crate::local::store::CommitError;
+use crate::manifest::{self, Item, Recorder};
+
+pub(super) struct Prefetch {
+    /// What this session used, for its manifest: only with a local tier of
+    /// entries (a backend that keeps bodies elsewhere).
+    recorder: Option<Recorder>,
+    /// A manifest was found at the start of this session.
+    found: AtomicBool,
+    /// Looking for one failed: the other keys are not tried.
+    given_up: AtomicBool,
+    /// Actions a manifest listed, still to bring into the local tier.
+    queue: Mutex<VecDeque<Item>>,
+    /// Threads prefetching now, at most `max`, and never so many that fewer
+    /// than two threads are left to read requests.
+    prefetching: AtomicUsize,
+    max: usize,
+}
+
+impl Prefetch {
+    pub fn new(enabled: bool, threads: usize) -> Prefetch {
+        Prefetch {
+            recorder: enabled.then(Recorder::default),
+            found: AtomicBool::new(false),
+            given_up: AtomicBool::new(false),
+            queue: Mutex::new(VecDeque::new()),
+            prefetching: AtomicUsize::new(0),
+            max: threads / 2,
+        }
+    }
+
+    /// Notes a get: true if it is one of the session's first, which may
+    /// lead to a manifest not found yet.
+    pub fn is_first_get(&self, action_id: &Digest) -> bool {
+        self.recorder.as_ref().is_some_and(|r| r.get(action_id))
+            && !self.found.load(Ordering::SeqCst)
+            && !self.given_up.load(Ordering::SeqCst)
+    }
+
+    /// Notes an action answered with `entry`, for this session's manifest.
+    pub fn note_used(&self, action_id: &Digest, entry: &Entry) {
+        if let Some(r) = &self.recorder {
+            r.used(action_id, entry);
+        }
+    }
+
+    /// Notes a put, for this session's manifest.
+    pub fn note_put(&self, action_id: &Digest, entry: &Entry) {
+        if let Some(r) = &self.recorder {
+            r.put(action_id, entry);
+        }
+    }
+
+    fn start(&self, threads: usize, recording: usize) -> bool {
+        self.prefetching
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                let busy = n + 1 + recording;
+                (n < self.max && busy + 2 <= threads).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// Looks for the manifest an earlier session starting with `first_get`
+/// left, and queues what it lists.
+pub(super) fn look_for_manifest(
+    session: &Arc<Session>,
+    worker: &mut Worker,
+    first_get: &Digest,
+) -> Result<(), Abandoned> {
+    if !session.breaker.allows() {
+        return Ok(());
+    }
+    let key = manifest::pointer_key(first_get);
+    let found = worker.work(session.on_stuck(), |calls| read_manifest(session, calls?, &key))?;
+    let prefetch = &session.prefetch;
+    if let Some(items) = found
+        && !prefetch.found.swap(true, Ordering::SeqCst)
+    {
+        session.stats.manifest_items.add(items.len() as u64);
+        prefetch.queue.lock().unwrap().extend(items);
+    }
+    Ok(())
+}
+
+fn read_manifest(session: &Session, calls: &mut Calls<'_>, key: &Digest) -> Option<Vec<Item>> {
+    let found = match calls.read_entry(key) {
+        Ok(found) => found,
+        // No other key is tried after a failure, so a dead server costs one call.
+        Err(e) => {
+            if e.is_outage() {
+                session.breaker.outage();
+            }
+            session.prefetch.given_up.store(true, Ordering::SeqCst);
+            return None;
+        }
+    };
+    // Nor does a lookup that worked tell the breaker anything: it is part of
+    // a get whose own outcome counts (a backend whose entries answer and whose
+    // bodies stall must still be paused).
+    let entry = found.filter(|e| e.size <= manifest::MAX_BYTES)?;
+    let path = match session.local.body(&entry) {
+        Some(path) => path,
+        None => fetch(session, calls, &entry).ok()??,
+    };
+    session.known.insert(entry.output_id);
+    // Verified by hash on the way in; anything else in it is not a manifest.
+    manifest::decode(&fs::read(path).ok()?)
+}
+
+/// Takes a prefetching slot if there is something to prefetch and a slot to
+/// spare, and fetches until the list is done or the session is over.
+pub(super) fn run_if_due(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Abandoned> {
+    let prefetch = &session.prefetch;
+    if prefetch.queue.lock().unwrap().is_empty() || !prefetch.start(session.threads, session.backlog.recording()) {
+        return Ok(());
+    }
+    let result = loop {
+        if session.end.is_over() {
+            prefetch.queue.lock().unwrap().clear();
+            break Ok(());
+        }
+        let Some(item) = prefetch.queue.lock().unwrap().pop_front() else { break Ok(()) };
+        if let Err(abandoned) = bring_in(session, worker, item) {
+            break Err(abandoned);
+        }
+    };
+    prefetch.prefetching.fetch_sub(1, Ordering::SeqCst);
+    result
+}
+
+/// Brings one listed action into the local tier, unless it is there already:
+/// its body from the manifest if it came inline, else from the backend. A
+/// body the backend no longer has is skipped: the manifest may be older than
+/// the remote's eviction.
+fn bring_in(session: &Arc<Session>, worker: &mut Worker, item: Item) -> Result<(), Abandoned> {
+    let Item { action, entry, body } = item;
+    if session.local.body(&entry).is_some() {
+        if !session.local.has_entry(&action) {
+            session.remember(&action, &entry);
+        }
+        return Ok(());
+    }
+    if let Some(body) = body {
+        match session.local.store.keep(&body, &entry.output_id) {
+            Ok(_) => {
+                session.stats.prefetched.add(1);
+                session.remember(&action, &entry);
+            }
+            Err(CommitError::Io(e)) => session.problems.report(Problem::Store, format!("local store: {e}")),
+            // Not what its entry says: never stored, and worth a line, since
+            // something wrote a bad manifest; the backend's copy may still be good.
+            Err(e) => {
+                session.stats.rejected_bodies.add(1);
+                session.problems.report(Problem::Backend, format!("rejected a body carried in a manifest: {e}"));
+            }
+        }
+        return Ok(());
+    }
+    if !session.breaker.allows() {
+        session.prefetch.queue.lock().unwrap().clear();
+        return Ok(());
+    }
+    worker.work(session.on_stuck(), |calls| {
+        if let Some(calls) = calls
+            && let Ok(Some(_)) = fetch(session, calls, &entry)
+        {
+            session.stats.prefetched.add(1);
+            session.known.insert(entry.output_id);
+            session.remember(&action, &entry);
+        }
+    })
+}
+
+/// Leaves this session's manifest through the backend, for the next
+/// machine: its body first, then a pointer from each of the session's first
+/// gets.
+pub(super) fn leave_manifest(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Abandoned> {
+    if session.breaker.paused() {
+        return Ok(());
+    }
+    let found = session.prefetch.found.load(Ordering::SeqCst);
+    let small_body = |entry: &Entry| fs::read(session.local.body(entry)?).ok();
+    let Some(to_write) = session.prefetch.recorder.as_ref().and_then(|r| r.finish(found, small_body)) else {
+        return Ok(());
+    };
+    let output_id: Digest = Sha256::digest(&to_write.bytes).into();
+    let size = to_write.bytes.len() as u64;
+    // Through the local store like any body: bodies leave from stored files.
+    let stored = session.local.store.keep(&to_write.bytes, &output_id);
+    let file = match stored.map_err(|e| e.to_string()).and_then(|path| fs::File::open(path).map_err(|e| e.to_string()))
+    {
+        Ok(file) => file,
+        Err(e) => {
+            session.problems.report(Problem::Store, format!("local store: keeping the session's manifest: {e}"));
+            return Ok(());
+        }
+    };
+    let entry = Entry { output_id, size, put_time_ns: now_ns() };
+    worker.work(session.on_stuck(), |calls| {
+        let Some(calls) = calls else { return };
+        if !session.known.contains(&output_id) {
+            let source = stages::body_out(file, calls.progress());
+            if let Err(e) = calls.write_body(&output_id, size, source) {
+                session.backend_failed(&e);
+                return;
+            }
+        }
+        for key in &to_write.keys {
+            if let Err(e) = calls.write_entry(&manifest::pointer_key(key), &stages::entry_out(&entry)) {
+                session.backend_failed(&e);
+                return;
+            }
+        }
+    })
+}
