@@ -35,30 +35,14 @@ struct Ran {
     elapsed: Duration,
 }
 
-/// Runs `cmd` to completion within `limit`, killing it (and failing the test)
-/// if it takes longer. Output goes through files, so a chatty command can never
-/// block on a full pipe while it is being waited for.
-fn run_bounded(mut cmd: Command, limit: Duration, what: &str) -> Ran {
-    let dir = tempfile::tempdir().unwrap();
-    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    cmd.stdin(Stdio::null()).stdout(fs::File::create(&out_path).unwrap()).stderr(fs::File::create(&err_path).unwrap());
+/// Runs `cmd` to completion within `limit` (see `support::Bounded`).
+fn run_bounded(mut cmd: Command, limit: Duration) -> Ran {
     let started = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}; stderr:\n{}", fs::read_to_string(&err_path).unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let out = cmd.stdin(Stdio::null()).output_within(limit);
     Ran {
-        success: status.success(),
-        stdout: fs::read_to_string(&out_path).unwrap(),
-        stderr: fs::read_to_string(&err_path).unwrap(),
+        success: out.status.success(),
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
         elapsed: started.elapsed(),
     }
 }
@@ -75,7 +59,7 @@ fn build_example(name: &str, toolchain: &str, out_dir: &Path) -> PathBuf {
         .arg(&out)
         .env("GOCP_TEST_TOOLS", tools_dir())
         .env("PATH", prepend_path(tool_path.parent().unwrap()));
-    let ran = run_bounded(cmd, BUILD_TIMEOUT, &format!("examples/{name}/build.sh"));
+    let ran = run_bounded(cmd, BUILD_TIMEOUT);
     assert!(ran.success, "examples/{name}/build.sh failed:\n{}{}", ran.stdout, ran.stderr);
     let size = fs::metadata(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display())).len();
     eprintln!("examples/{name}: built in {:.1} s, {:.1} MB", ran.elapsed.as_secs_f64(), size as f64 / 1e6);
@@ -92,7 +76,7 @@ fn stats(path: &Path) -> Value {
 }
 
 fn go_bounded(dir: &Path, gocache: &Path, prog: &str, args: &[&str]) -> Ran {
-    run_bounded(go_command(dir, gocache, Some(prog), args), GO_TIMEOUT, &format!("go {}", args.join(" ")))
+    run_bounded(go_command(dir, gocache, Some(prog), args), GO_TIMEOUT)
 }
 
 /// The whole story of one example: build, plugin-test, cold build and test,
@@ -106,7 +90,7 @@ fn example_end_to_end(name: &str, toolchain: &str) {
     // The contract's checks, as a plugin author runs them.
     let mut check = Command::new(BIN);
     check.args(["plugin-test", wasm_arg, "--dir"]).arg(tmp.path().join("plugin-test-state"));
-    let checked = run_bounded(check, GO_TIMEOUT, "gocp-host plugin-test");
+    let checked = run_bounded(check, GO_TIMEOUT);
     assert!(checked.success, "plugin-test of {name}:\n{}{}", checked.stdout, checked.stderr);
     assert!(checked.stdout.contains(" 0 failed"), "{}", checked.stdout);
     eprintln!("examples/{name}: plugin-test passed in {:.1} s", checked.elapsed.as_secs_f64());
@@ -192,7 +176,7 @@ fn copy_made_by_new_plugin_builds_and_passes_plugin_test(language: &str, toolcha
     let copy = tmp.join("blob-store");
     let mut new = Command::new("bash");
     new.arg(repository_root().join("examples/new-plugin.sh")).arg(language).arg(&copy);
-    let made = run_bounded(new, BUILD_TIMEOUT, "examples/new-plugin.sh");
+    let made = run_bounded(new, BUILD_TIMEOUT);
     assert!(made.success, "{}{}", made.stdout, made.stderr);
     assert!(made.stdout.contains("build.sh"), "it says what to do next: {}", made.stdout);
 
@@ -200,14 +184,14 @@ fn copy_made_by_new_plugin_builds_and_passes_plugin_test(language: &str, toolcha
     let tool_path = tool(toolchain);
     let mut build = Command::new(copy.join("build.sh"));
     build.env("GOCP_TEST_TOOLS", tools_dir()).env("PATH", prepend_path(tool_path.parent().unwrap()));
-    let built = run_bounded(build, BUILD_TIMEOUT, "build.sh of the copy");
+    let built = run_bounded(build, BUILD_TIMEOUT);
     assert!(built.success, "{}{}", built.stdout, built.stderr);
     let wasm = copy.join("build").join("blob-store.wasm");
     assert!(wasm.is_file(), "{} was not built", wasm.display());
 
     let mut check = Command::new(BIN);
     check.args(["plugin-test", "--plugin"]).arg(&wasm).arg("--dir").arg(tmp.join("state"));
-    let checked = run_bounded(check, GO_TIMEOUT, "gocp-host plugin-test");
+    let checked = run_bounded(check, GO_TIMEOUT);
     assert!(checked.success, "{}{}", checked.stdout, checked.stderr);
     assert!(checked.stdout.contains("conformance of blob-store 0.1.0"), "renamed: {}", checked.stdout);
     assert!(checked.stdout.contains(" 0 failed"), "{}", checked.stdout);
@@ -249,7 +233,7 @@ fn go_sdk_unit_tests_and_vet_pass() {
     let sdk = repository_root().join("sdk/go");
     let mut test = Command::new("go");
     test.args(["test", "-count=1", "."]).current_dir(&sdk).env("GOWORK", "off");
-    let tested = run_bounded(test, BUILD_TIMEOUT, "go test in sdk/go");
+    let tested = run_bounded(test, BUILD_TIMEOUT);
     assert!(tested.success, "{}{}", tested.stdout, tested.stderr);
     let mut vet = Command::new("go");
     vet.args(["vet", ".", "./internal/wit/export_gocp_cache_backend"])
@@ -257,7 +241,7 @@ fn go_sdk_unit_tests_and_vet_pass() {
         .env("GOOS", "wasip1")
         .env("GOARCH", "wasm")
         .env("GOWORK", "off");
-    let vetted = run_bounded(vet, BUILD_TIMEOUT, "go vet in sdk/go (wasip1)");
+    let vetted = run_bounded(vet, BUILD_TIMEOUT);
     assert!(vetted.success, "{}{}", vetted.stdout, vetted.stderr);
 }
 
@@ -303,11 +287,11 @@ fn go_sdk_bindings_and_adapter_match_the_contract_and_the_hosts_wasmtime() {
 const STRESS_BODIES: usize = 3000;
 
 fn stress_size(i: usize) -> u64 {
-    if i % 500 == 0 {
+    if i.is_multiple_of(500) {
         64 << 20
     } else if i % 100 == 50 {
         ((i / 100) % 8 + 1) as u64 * (1 << 20) + i as u64
-    } else if i % 7 == 0 {
+    } else if i.is_multiple_of(7) {
         0
     } else {
         (i as u64 * 7919) % 65_536

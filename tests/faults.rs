@@ -72,7 +72,7 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
             }
             if objects(&state).len() >= after_objects {
                 for pid in host_pids(&state) {
-                    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+                    Command::new("kill").args(["-9", &pid.to_string()]).output_within(COMMAND_LIMIT);
                     killed = true;
                 }
                 if killed {
@@ -82,7 +82,7 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(killed, "round {round}: never saw {after_objects} objects to kill gocp-host at");
-        let _ = go.wait();
+        wait_within(go, COMMAND_LIMIT, "go build after its helper was killed", Path::new("/dev/null"));
     }
 
     // Everything under a final name is whole and correct.
@@ -96,11 +96,10 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
     // A complete build, then a warm one from the cache alone: the binary
     // links, runs, and is identical.
     let first = tmp.path().join("go-first");
-    let status =
+    let full =
         quiet_go(&["build", "-o", first.to_str().unwrap(), "cmd/go"], &tmp.path().join("gc-full"), &prog, tmp.path())
-            .status()
-            .unwrap();
-    assert!(status.success());
+            .output_within(COMMAND_LIMIT);
+    assert!(full.status.success(), "{}", text(&full.stderr));
     let second = tmp.path().join("go-second");
     let warm = quiet_go(
         &["build", "-x", "-o", second.to_str().unwrap(), "cmd/go"],
@@ -108,14 +107,12 @@ fn sigkill_mid_build_never_leaves_a_bad_object_and_cmd_go_relinks_identically() 
         &prog,
         tmp.path(),
     )
-    .stderr(Stdio::piped())
-    .output()
-    .unwrap();
+    .output_within(COMMAND_LIMIT);
     let warm_log = text(&warm.stderr);
     assert!(warm.status.success(), "{warm_log}");
     assert!(compile_steps(&warm_log).is_empty(), "warm build compiled:\n{}", compile_steps(&warm_log).join("\n"));
     assert_eq!(sha_file(&first), sha_file(&second), "relinked from the cache, the binary must be identical");
-    let version = Command::new(&second).arg("version").output().unwrap();
+    let version = Command::new(&second).arg("version").output_within(COMMAND_LIMIT);
     assert!(version.status.success());
     assert!(text(&version.stdout).starts_with("go version go1."), "{}", text(&version.stdout));
 }

@@ -163,7 +163,8 @@ fn empty_variables_and_odd_spacing_do_not_fail_the_build() {
     let state = dir.path().join("state");
     let d = state.to_str().unwrap();
     let help = text(&run_host(&["--help"]).stdout);
-    let mut vars: Vec<&str> = help.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).filter(|w| w.starts_with("GOCP_")).collect();
+    let mut vars: Vec<&str> =
+        help.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).filter(|w| w.starts_with("GOCP_")).collect();
     vars.sort();
     vars.dedup();
     assert!(vars.len() >= 15, "{vars:?}");
@@ -202,10 +203,14 @@ fn empty_variables_and_odd_spacing_do_not_fail_the_build() {
     serves(flag);
     assert!(shared.join("bodies").is_dir(), "the plugin wrote into the granted directory");
     let mut quoted = Command::new(BIN);
-    quoted.env_clear().env("GOCP_ALLOW_DIR", format!("'{grant}'")).env("GOCP_CONFIG", "path=/shared").args(["--dir", d]);
+    quoted
+        .env_clear()
+        .env("GOCP_ALLOW_DIR", format!("'{grant}'"))
+        .env("GOCP_CONFIG", "path=/shared")
+        .args(["--dir", d]);
     serves(quoted);
 
-    let out = Command::new(BIN).env_clear().env("GOCP_CONFIG", "path='/unterminated").output().unwrap();
+    let out = Command::new(BIN).env_clear().env("GOCP_CONFIG", "path='/unterminated").output_within(COMMAND_LIMIT);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("GOCP_CONFIG: unterminated"), "{}", text(&out.stderr));
 }

@@ -1,23 +1,15 @@
-//! The plugin SDK's own unit tests. The SDK lives in the plugins workspace
-//! (built for wasm32-wasip2), so `cargo test` at the root reaches them here,
-//! running them natively.
+//! The plugin SDK's own unit tests, and those of the disk plugin. The
+//! plugins live in a workspace of their own (built for wasm32-wasip2), so
+//! `cargo test` at the root reaches their tests here, running them natively.
 
 mod support;
 
-use std::process::Command;
-
 #[test]
 fn sdk_unit_tests_pass() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["test", "--lib", "-p", "gocp-plugin-sdk"])
-        .current_dir(root.join("plugins"))
-        .env("CARGO_TARGET_DIR", root.join("target").join("plugins-native"))
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .output()
-        .expect("running cargo test for the SDK");
-    let stdout = support::text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", support::text(&out.stderr));
-    assert!(stdout.contains("test result: ok"), "{stdout}");
+    support::plugin_crate_unit_tests("gocp-plugin-sdk");
+}
+
+#[test]
+fn disk_plugin_unit_tests_pass() {
+    support::plugin_crate_unit_tests("gocp-plugin-disk");
 }

@@ -249,12 +249,18 @@ fn starting_never_contacts_the_server() {
 /// same ones. WsgiDAV answers 500 to the loser when the collection appeared
 /// between its check and its mkdir; that must cost nothing: no line for the
 /// user, and every entry uploaded. The race is not certain in one session,
-/// hence several, each in a namespace of its own.
+/// hence several, each in a namespace of its own, until the server's log
+/// shows it happened (a MKCOL answered 500): a test of a race that did not
+/// happen would prove nothing.
 #[test]
 fn webdav_instances_racing_to_make_the_collections_lose_no_upload() {
     let server = WsgiDav::start();
     let tmp = tempfile::tempdir().unwrap();
-    for round in 0..6u8 {
+    let raced = |log: &str| log.lines().filter(|l| l.contains("\"MKCOL ") && l.contains("-> 500")).count();
+    let mut rounds = 0u8;
+    while rounds < 6 || (raced(&server.log()) == 0 && rounds < 30) {
+        let round = rounds;
+        rounds += 1;
         let backend = server.backend_at(&format!("/race{round}"), "correct-horse");
         session(&backend, &tmp.path().join(format!("machine{round}")), &["--instances", "8"], |s| {
             for i in 0..16u8 {
@@ -268,6 +274,7 @@ fn webdav_instances_racing_to_make_the_collections_lose_no_upload() {
         let entries = fs::read_dir(server.data().join(format!("race{round}/ac"))).map(|d| d.count()).unwrap_or(0);
         assert_eq!(entries, 16, "round {round}: every entry reached the server");
     }
+    assert!(raced(&server.log()) > 0, "the race never happened in {rounds} rounds: the test proved nothing");
 }
 
 #[test]

@@ -15,23 +15,10 @@ use support::remote::{self, Backend, Machine, RemoteServer, gocp_lines};
 use support::servers::redis::{ACL_PASSWORD, ACL_PREFIX, ACL_USER, PASSWORD, Redis};
 use support::*;
 
-/// The plugin's own unit tests (RESP framing, url and config parsing): the
-/// plugin lives in the plugins workspace, so `cargo test` at the root reaches
-/// them here, natively, as tests/plugin_sdk.rs does for the SDK.
+/// The plugin's own unit tests (RESP framing, url and config parsing).
 #[test]
 fn plugin_unit_tests_pass() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["test", "--lib", "-p", "gocp-plugin-redis"])
-        .current_dir(root.join("plugins"))
-        .env("CARGO_TARGET_DIR", root.join("target").join("plugins-native"))
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .output()
-        .expect("running cargo test for the redis plugin");
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    assert!(stdout.contains("test result: ok"), "{stdout}");
+    plugin_crate_unit_tests("gocp-plugin-redis");
 }
 
 #[test]

@@ -66,11 +66,10 @@ fn build_prepared(attack: &str, extra: &[&str], env: &[(&str, &str)], prepare: i
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let started = Instant::now();
-    let out = cmd.output().expect("running go");
+    // A build that takes this long has hung on the plugin: fails here.
+    let out = cmd.output_within(Duration::from_secs(120));
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "the build must succeed despite attack={attack}:\n{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(120), "attack={attack} made the build hang");
     let report = fs::read_to_string(state.join("plugins/hostile/report")).unwrap_or_default();
     let stats = serde_json::from_slice(&fs::read(&stats).expect("stats written")).unwrap();
     Run { stats, report, stderr }
@@ -198,43 +197,28 @@ fn runaway_calls_become_misses_and_the_plugin_is_replaced() {
 
 #[test]
 fn a_failing_backend_is_paused_instead_of_paid_for_on_every_request() {
-    let tmp = tempfile::tempdir().unwrap();
-    let stats = tmp.path().join("stats.json");
-    let plugin = test_plugin("hostile");
-    let (d, st, p) = (tmp.path().to_str().unwrap(), stats.to_str().unwrap(), plugin.to_str().unwrap());
-    // A plugin that times out on every call: without the breaker, 60 gets
-    // would cost 60 timeouts.
-    let args = [
-        "--dir",
-        d,
-        "--stats-json",
-        st,
-        "--plugin",
-        p,
-        "--config",
-        "attack=loop",
-        "--plugin-timeout",
-        "200ms",
-        "--instances",
-        "1",
-    ];
-    let (mut s, _) = Session::start(&args);
-    for id in 1..=60 {
-        s.send_get(id, &sha256(&id.to_le_bytes()));
+    // A plugin that times out on every call, or says the backend is down:
+    // without the breaker, 60 gets would cost 60 failures each.
+    for (attack, counter) in [("loop", "plugin_timeouts"), ("unavailable", "plugin_errors")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let stats = tmp.path().join("stats.json");
+        let mut s = hostile_session(tmp.path(), &stats, attack, &["--plugin-timeout", "200ms", "--instances", "1"]);
+        for id in 1..=60 {
+            s.send_get(id, &sha256(&id.to_le_bytes()));
+        }
+        for _ in 0..60 {
+            assert_eq!(s.recv()["Miss"], json!(true));
+        }
+        s.send_close(61);
+        s.recv();
+        let (status, _, stderr) = s.finish();
+        assert!(status.success(), "{stderr}");
+        let st = stats_of(&stats);
+        assert!(count(&st, "breaker_trips") >= 1, "attack={attack}: {st}");
+        assert!(count(&st, "skipped_while_paused") > 0, "attack={attack}: {st}");
+        assert!(count(&st, counter) < 30, "attack={attack}: {st}");
+        assert_eq!(stderr.lines().count(), 1, "attack={attack}: {stderr}");
     }
-    for _ in 0..60 {
-        assert_eq!(s.recv()["Miss"], json!(true));
-    }
-    s.send_close(61);
-    s.recv();
-    let (status, _, stderr) = s.finish();
-    assert!(status.success(), "{stderr}");
-    let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
-    assert!(count(&st, "breaker_trips") >= 1, "{st}");
-    assert!(count(&st, "skipped_while_paused") > 0, "{st}");
-    // Without the pause every one of the 60 gets would have timed out.
-    assert!(count(&st, "plugin_timeouts") < 30, "{st}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 #[test]
@@ -273,15 +257,16 @@ impl SmallDisk {
         fs::create_dir_all(path).unwrap();
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
-            .status()
-            .is_ok_and(|s| s.success());
+            .output_within(COMMAND_LIMIT)
+            .status
+            .success();
         ok.then(|| SmallDisk { path: path.to_path_buf() })
     }
 }
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.path).status();
+        std::process::Command::new("umount").arg(&self.path).output_within(COMMAND_LIMIT);
     }
 }
 
@@ -491,4 +476,27 @@ fn plugin_messages_reach_the_terminal_as_one_plain_line() {
     assert!(lines[0].starts_with("gocp: plugin hostile: "), "{}", lines[0]);
     assert!(!lines[0].chars().any(|c| c.is_control()), "escape sequences reached the terminal: {:?}", lines[0]);
     assert!(lines[0].len() < 1000, "{} bytes", lines[0].len());
+}
+
+#[test]
+fn every_hostile_behaviour_is_exercised_by_a_test() {
+    // The plugin lists its attacks in the help of its `attack` key.
+    let tmp = tempfile::tempdir().unwrap();
+    let hostile = test_plugin("hostile");
+    let help = text(
+        &run_host(&["--dir", tmp.path().to_str().unwrap(), "--plugin", hostile.to_str().unwrap(), "--help-plugin"])
+            .stdout,
+    );
+    let listed = help.lines().find_map(|l| l.split_once("what to try: ")).map(|(_, names)| names).expect(&help);
+    let names: Vec<&str> = listed.split(", ").collect();
+    assert!(names.len() >= 15, "{names:?}");
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests");
+    let sources: String =
+        ["sandbox.rs", "plugin_loading.rs"].iter().map(|f| fs::read_to_string(tests.join(f)).unwrap()).collect();
+    for name in names {
+        assert!(
+            sources.contains(&format!("attack={name}\"")) || sources.contains(&format!("\"{name}\"")),
+            "no test runs the hostile plugin's `{name}` behaviour"
+        );
+    }
 }

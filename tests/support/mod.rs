@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -215,20 +215,81 @@ impl Drop for Session {
     }
 }
 
-/// Runs gocp-host with a closed stdin and returns its output: for start-up
-/// checks and configuration errors.
-pub fn run_host(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::piped()).output().expect("running gocp-host")
+/// How long a command a test starts may run: a go build of the standard
+/// library on a busy two-core machine takes minutes; beyond this it hangs.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(600);
+
+/// Running the commands a test starts with a bound: past it the command is
+/// killed and the test fails with what it printed, so a hang fails the test
+/// instead of stalling the suite.
+pub trait Bounded {
+    /// Runs to completion within `limit` (stdin empty unless set); its output.
+    fn output_within(&mut self, limit: Duration) -> Output;
 }
 
-/// Whether the go command can be run.
-pub fn go_available() -> bool {
-    Command::new("go").arg("version").output().map(|o| o.status.success()).unwrap_or(false)
+impl Bounded for Command {
+    fn output_within(&mut self, limit: Duration) -> Output {
+        // Through files, so a chatty command never blocks on a full pipe
+        // while it is being waited for.
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        self.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap());
+        let what = format!("{:?}", self.get_program());
+        let child = self.spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let status = wait_within(child, limit, &what, &err);
+        Output { status, stdout: std::fs::read(&out).unwrap(), stderr: std::fs::read(&err).unwrap() }
+    }
+}
+
+/// Waits for `child` at most `limit`, then kills it and fails the test,
+/// showing what it wrote to the file `stderr`.
+pub fn wait_within(mut child: Child, limit: Duration, what: &str, stderr: &Path) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let printed = std::fs::read_to_string(stderr).unwrap_or_default();
+            panic!("{what} did not finish within {limit:?}; it printed:\n{printed}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs gocp-host with an empty stdin and returns its output: for start-up
+/// checks and configuration errors.
+pub fn run_host(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).stdin(Stdio::null()).output_within(COMMAND_LIMIT)
+}
+
+/// Runs the unit tests of a crate of the plugins workspace natively (its
+/// crates build for wasm32-wasip2, so `cargo test` at the root does not
+/// reach them), and checks that some ran and all passed.
+pub fn plugin_crate_unit_tests(name: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--lib", "-p", name])
+        .current_dir(root.join("plugins"))
+        .env("CARGO_TARGET_DIR", root.join("target").join("plugins-native"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output_within(COMMAND_LIMIT);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let passed: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no test result in:\n{stdout}"));
+    assert!(passed > 0, "{name} ran no tests:\n{stdout}");
 }
 
 /// Fails the test, with the reason, when there is no go command to test with.
 pub fn require_go() {
-    assert!(go_available(), "the go command (>= 1.24) must be on PATH for these tests");
+    let version = Command::new("go").arg("version").stdin(Stdio::null()).output_within(COMMAND_LIMIT);
+    assert!(version.status.success(), "the go command (>= 1.24) must be on PATH for these tests");
 }
 
 /// Where `.ci/tools/*.sh` install what the tests need.
@@ -297,9 +358,9 @@ pub fn go_command(dir: &Path, gocache: &Path, gocacheprog: Option<&str>, args: &
     cmd
 }
 
-/// Runs [`go_command`] to completion.
+/// Runs [`go_command`] to completion, within [`COMMAND_LIMIT`].
 pub fn go(dir: &Path, gocache: &Path, gocacheprog: Option<&str>, args: &[&str]) -> Output {
-    go_command(dir, gocache, gocacheprog, args).output().expect("running go")
+    go_command(dir, gocache, gocacheprog, args).output_within(COMMAND_LIMIT)
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -364,8 +425,7 @@ pub fn test_plugin(name: &str) -> PathBuf {
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .output()
-        .expect("running cargo for a test plugin");
+        .output_within(COMMAND_LIMIT);
     assert!(out.status.success(), "building test plugin {name}:\n{}", text(&out.stderr));
     target.join("wasm32-wasip2").join("release").join(format!("{}.wasm", name.replace('-', "_")))
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::Process;
 use crate::support::remote::{Backend, RemoteServer};
-use crate::support::{free_port, text, tool};
+use crate::support::{Bounded, free_port, text, tool};
 
 /// The default user's password (`requirepass`).
 pub const PASSWORD: &str = "correct-horse";
@@ -137,7 +137,6 @@ fn cli(port: u16, args: &[&str]) -> String {
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-a", PASSWORD, "--no-auth-warning"])
         .args(args)
         .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running redis-cli");
+        .output_within(std::time::Duration::from_secs(60));
     text(&out.stdout).trim().to_string()
 }

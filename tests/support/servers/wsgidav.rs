@@ -63,6 +63,11 @@ property_manager: null
         WsgiDav { process, dir, port }
     }
 
+    /// What the server logged so far (every request, with its status).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     /// The directory WsgiDAV serves: what the cache holds, as files.
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")

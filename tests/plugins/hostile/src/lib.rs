@@ -19,7 +19,7 @@ use gocp_plugin_sdk::{
 /// checks that each is used by some test.
 #[derive(Clone, Copy, PartialEq)]
 enum Attack {
-    /// Nothing: an empty store.
+    /// Nothing: an empty store (no `attack=` given).
     None,
     /// Tries to read files outside its grants.
     Files,
@@ -62,8 +62,8 @@ enum Attack {
     LaterOpensSleep,
 }
 
+/// Every attack by name; without `attack=`, the plugin is an empty store.
 const ATTACKS: &[(&str, Attack)] = &[
-    ("none", Attack::None),
     ("files", Attack::Files),
     ("net", Attack::Net),
     ("dns", Attack::Dns),
@@ -196,16 +196,19 @@ impl Backend for Hostile {
             max_instances: 0,
             config_keys: vec![
                 ConfigKey {
-                name: "attack".into(),
-                help: format!("what to try: {}", ATTACKS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")),
-            },
+                    name: "attack".into(),
+                    help: format!("what to try: {}", ATTACKS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")),
+                },
                 ConfigKey { name: "port".into(), help: "local port for network attacks".into() },
             ],
         }
     }
 
     fn open(mut config: Config) -> Result<(Self, Capabilities), Error> {
-        let attack: Attack = config.take("attack").as_deref().unwrap_or("none").parse()?;
+        let attack = match config.take("attack") {
+            Some(name) => name.parse()?,
+            None => Attack::None,
+        };
         let port: u16 = config.take("port").and_then(|p| p.parse().ok()).unwrap_or(0);
         config.finish()?;
         match attack {
@@ -222,11 +225,7 @@ impl Backend for Hostile {
                 black_box(0);
             },
             Attack::OpenSleep => sleep_forever(),
-            Attack::LaterOpensSleep => {
-                if std::fs::File::create_new("/state/opened").is_err() {
-                    sleep_forever();
-                }
-            }
+            Attack::LaterOpensSleep if std::fs::File::create_new("/state/opened").is_err() => sleep_forever(),
             _ => {}
         }
         let stores_bodies = matches!(attack, Attack::WrongBytes | Attack::StallBody | Attack::BigClaim);
