@@ -281,3 +281,8 @@ fn webdav_instances_racing_to_make_the_collections_lose_no_upload() {
 fn stalled_bodies_pause_the_plugin() {
     remote::stalled_bodies(&Nginx::start());
 }
+
+#[test]
+fn read_only_builds_write_nothing_and_read_what_trusted_builds_signed() {
+    remote::read_only_and_signed(&Nginx::start());
+}

@@ -328,3 +328,8 @@ fn a_manifest_cannot_smuggle_in_a_wrong_body() {
 fn stalled_bodies_pause_the_plugin() {
     remote::stalled_bodies(&Redis::start());
 }
+
+#[test]
+fn read_only_builds_write_nothing_and_read_what_trusted_builds_signed() {
+    remote::read_only_and_signed(&Redis::start());
+}

@@ -230,3 +230,8 @@ fn no_server_at_the_endpoint_is_named_in_one_line() {
 fn stalled_bodies_pause_the_plugin() {
     remote::stalled_bodies(&Versitygw::start());
 }
+
+#[test]
+fn read_only_builds_write_nothing_and_read_what_trusted_builds_signed() {
+    remote::read_only_and_signed(&Versitygw::start());
+}

@@ -491,8 +491,10 @@ fn every_hostile_behaviour_is_exercised_by_a_test() {
     let names: Vec<&str> = listed.split(", ").collect();
     assert!(names.len() >= 15, "{names:?}");
     let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests");
-    let sources: String =
-        ["sandbox.rs", "plugin_loading.rs"].iter().map(|f| fs::read_to_string(tests.join(f)).unwrap()).collect();
+    let sources: String = ["sandbox.rs", "plugin_loading.rs", "sharing.rs"]
+        .iter()
+        .map(|f| fs::read_to_string(tests.join(f)).unwrap())
+        .collect();
     for name in names {
         assert!(
             sources.contains(&format!("attack={name}\"")) || sources.contains(&format!("\"{name}\"")),

@@ -6,7 +6,8 @@
 //! this machine cannot answer it, `backend` (the seam), behind which `plugin`
 //! runs the WebAssembly component. `cli` sets it all up; `stats` counts;
 //! `manifest` is the format of what a session used; `domain` holds the
-//! types they all speak of; `text` makes a backend's text safe to print.
+//! types they all speak of; `text` makes a backend's text safe to print;
+//! `trust` signs and checks entries of a shared cache.
 
 pub mod backend;
 pub mod cli;
@@ -18,3 +19,4 @@ pub mod protocol;
 pub mod serve;
 pub mod stats;
 pub mod text;
+pub mod trust;

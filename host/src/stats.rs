@@ -97,6 +97,8 @@ counters! {
     puts_not_recorded,
     /// Bodies from the backend rejected for a wrong hash or size.
     rejected_bodies,
+    /// Entries from the backend no trusted key signed (see `trust`): misses.
+    untrusted_entries,
     /// Time spent inside backend calls.
     plugin_ms,
     /// The whole session.

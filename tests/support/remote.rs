@@ -37,6 +37,9 @@ impl Backend {
 pub trait RemoteServer {
     /// The port it listens on, on 127.0.0.1.
     fn port(&self) -> u16;
+    /// How many objects (entries and bodies) it holds, as the server itself
+    /// counts them: what proves a client wrote nothing.
+    fn stored(&self) -> usize;
     /// Flags and environment that reach this server with valid credentials.
     fn backend(&self) -> Backend;
     /// The same server, with credentials it refuses.
@@ -280,6 +283,59 @@ pub fn stalled_bodies(server: &dyn RemoteServer) {
     let st: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
     assert!(count(&st, "breaker_trips") >= 1, "the stalls paused the plugin: {st}");
     assert!(count(&st, "skipped_while_paused") >= 1, "{st}");
+}
+
+impl Backend {
+    /// The same backend with more flags for gocp-host.
+    pub fn with(&self, extra: &[&str]) -> Backend {
+        let mut b = self.clone();
+        b.args.extend(extra.iter().map(|a| a.to_string()));
+        b
+    }
+}
+
+/// Makes a signing key pair with `gocp-host keygen` in `dir`; the paths of
+/// the private and the public key.
+pub fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new(BIN).args(["keygen", "--out"]).arg(dir).output_within(COMMAND_LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    (dir.join("signing.key"), dir.join("signing.pub"))
+}
+
+/// Pull requests build read-only: a whole build and its tests leave nothing
+/// on the server (counted there). A trusted build signs what it writes, and a
+/// second read-only machine that trusts its key then compiles nothing, its
+/// tests cached, still writing nothing.
+pub fn read_only_and_signed(server: &dyn RemoteServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private, public) = keygen(&tmp.path().join("keys"));
+    let backend = server.backend();
+    let read_only = backend.with(&["--read-only", "--trust-key", public.to_str().unwrap()]);
+    let pr = Machine::new(&tmp.path().join("pr"));
+    let src = tmp.path().join("src");
+    write_module(&src);
+    pr.run(&read_only, &src, &["build", "-trimpath", "./..."]);
+    pr.run(&read_only, &src, &["test", "-trimpath", "./..."]);
+    assert_eq!(server.stored(), 0, "a read-only build wrote to the server");
+    assert!(count(&pr.stats(), "local_only_puts") > 0, "its outputs stayed local: {}", pr.stats());
+
+    let trusted = Machine::new(&tmp.path().join("trusted"));
+    let signing = backend.with(&["--sign-key", private.to_str().unwrap()]);
+    trusted.run(&signing, &src, &["build", "-trimpath", "./..."]);
+    trusted.run(&signing, &src, &["test", "-trimpath", "./..."]);
+    let stored = server.stored();
+    assert!(stored > 0, "the trusted build wrote its outputs");
+
+    let second = Machine::new(&tmp.path().join("second"));
+    let src_b = tmp.path().join("second/checkout/src");
+    write_module(&src_b);
+    let out = second.run(&read_only, &src_b, &["build", "-x", "-trimpath", "./..."]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "compiled from the signed entries");
+    let out = second.run(&read_only, &src_b, &["test", "-trimpath", "./..."]);
+    assert!(text(&out.stdout).lines().filter(|l| l.starts_with("ok ")).all(|l| l.ends_with("(cached)")));
+    assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new());
+    assert_eq!(count(&second.stats(), "untrusted_entries"), 0);
+    assert_eq!(server.stored(), stored, "the read-only machine wrote nothing");
 }
 
 /// Runs gocp-host with `--plugin plugin` and `args` on an empty stdin, with

@@ -48,6 +48,15 @@ impl CallError {
     }
 }
 
+/// An entry as a backend keeps it: the entry, and the host's data stored
+/// with it (a signature, see `serve::stages`), which the backend returns
+/// exactly as it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub entry: Entry,
+    pub host_data: Vec<u8>,
+}
+
 /// What asking for a body came to.
 pub enum ReadBody {
     /// The backend wrote it into the sink, handed back for the core to check
@@ -73,6 +82,10 @@ pub trait Backend: Send + Sync {
     /// How many instances may run at once.
     fn instances(&self) -> usize;
 
+    /// Whether it keeps the host's data with entries (a plugin of an older
+    /// contract does not, and cannot carry signatures).
+    fn carries_host_data(&self) -> bool;
+
     /// Why it could not be started, when it could not (an outage at start,
     /// not a configuration mistake): the session then runs without it.
     fn unavailable(&self) -> Option<&str>;
@@ -91,7 +104,7 @@ pub trait Backend: Send + Sync {
 /// the core's watchdog.
 pub trait Instance: Send {
     /// The entry for `action_id`; `Ok(None)` is an ordinary miss.
-    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<Entry>, CallError>;
+    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<StoredEntry>, CallError>;
 
     /// Writes the body of `output_id`, expected to be `size` bytes, into `sink`.
     fn read_body(
@@ -112,7 +125,7 @@ pub trait Instance: Send {
     ) -> Result<(), CallError>;
 
     /// Stores (or replaces) the entry for `action_id`.
-    fn write_entry(&mut self, action_id: &Digest, entry: &Entry, deadline: &Deadline) -> Result<(), CallError>;
+    fn write_entry(&mut self, action_id: &Digest, entry: &StoredEntry, deadline: &Deadline) -> Result<(), CallError>;
 
     /// The session is ending: flush and do housekeeping.
     fn finish(&mut self, deadline: &Deadline) -> Result<(), CallError>;

@@ -27,6 +27,7 @@ use crate::local::{LocalTier, sessions};
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::serve::{self, Ending, Settings};
 use crate::stats::Summary;
+use crate::trust::{self, PrivateKey, PublicKey, Trust};
 
 const ABOUT: &str = "Serves the go command's build cache (GOCACHEPROG) from a cache backend plugin: \
 a sandboxed WebAssembly component.";
@@ -120,6 +121,22 @@ pub struct Cli {
     /// Write the run's statistics as JSON to FILE at exit.
     #[arg(long, env = "GOCP_STATS_JSON", value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+
+    /// Give the plugin nothing to write: outputs are kept on this machine only
+    /// (builds of untrusted code, such as pull requests).
+    #[arg(long, env = "GOCP_READ_ONLY")]
+    pub read_only: bool,
+
+    /// Sign every entry written with the key in FILE (from `gocp-host keygen`;
+    /// readable by its owner only). GOCP_SIGN_KEY may hold the key itself instead.
+    #[arg(long, env = "GOCP_SIGN_KEY_FILE", value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
+
+    /// Use only entries signed by this key: a `gocp-ed25519:...` public key or a
+    /// file holding one (repeatable, to rotate keys). Without it, a signer
+    /// trusts its own key.
+    #[arg(long = "trust-key", env = "GOCP_TRUST_KEY", value_name = "FILE|KEY")]
+    pub trust_key: Vec<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -131,6 +148,14 @@ pub enum Subcommand {
         /// The plugin to check (a built-in name or a .wasm file) [default: --plugin].
         #[arg(id = "plugin_to_test", value_name = "PLUGIN")]
         plugin: Option<String>,
+    },
+    /// Make a key pair for signing what trusted builds write: DIR/signing.key
+    /// (secret, mode 0600, never overwritten) and DIR/signing.pub; prints the
+    /// public key for --trust-key.
+    Keygen {
+        /// Where to write the two files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -270,6 +295,9 @@ fn parse() -> Result<Option<Cli>> {
     if let Some(w) = words("allow_net", "GOCP_ALLOW_NET")? {
         cli.allow_net = each("GOCP_ALLOW_NET", w, NetGrant::parse)?;
     }
+    if let Some(w) = words("trust_key", "GOCP_TRUST_KEY")? {
+        cli.trust_key = w;
+    }
     Ok(Some(cli))
 }
 
@@ -299,9 +327,62 @@ fn split_quoted(s: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// The keys of this session, from --sign-key, GOCP_SIGN_KEY and --trust-key.
+fn load_trust(cli: &Cli) -> Result<Trust> {
+    let from_env = std::env::var("GOCP_SIGN_KEY").ok().filter(|v| !v.trim().is_empty());
+    let signer = match (&cli.sign_key, from_env) {
+        (Some(_), Some(_)) => {
+            bail!("both --sign-key (or GOCP_SIGN_KEY_FILE) and GOCP_SIGN_KEY are set: give the signing key one way")
+        }
+        (Some(path), None) => Some(PrivateKey::from_file(path)?),
+        (None, Some(text)) => Some(PrivateKey::from_env_value(&text)?),
+        (None, None) => None,
+    };
+    let trusted = cli.trust_key.iter().map(|k| PublicKey::from_arg(k)).collect::<Result<Vec<_>>>()?;
+    Ok(Trust::new(signer, trusted))
+}
+
+/// Refuses a configuration that would let the plugin see the signing key:
+/// the variable that holds it granted, a granted directory holding its file,
+/// or the key itself in a granted variable or a configuration value.
+fn check_key_stays_here(cli: &Cli, trust: &Trust) -> Result<()> {
+    let Some(secret) = trust.secret_text() else { return Ok(()) };
+    if let Some(var) =
+        cli.allow_env.iter().find(|v| *v == "GOCP_SIGN_KEY" || std::env::var(v).is_ok_and(|x| x.contains(&secret)))
+    {
+        bail!("--allow-env {var} would hand the signing key to the plugin: grant it other variables only");
+    }
+    if let Some(file) = &cli.sign_key {
+        let file = resolved(file);
+        if let Some(grant) = cli.allow_dir.iter().find(|g| file.starts_with(resolved(&g.host))) {
+            bail!(
+                "--allow-dir {} holds the signing key {}: keep the key outside granted directories",
+                grant.host.display(),
+                file.display()
+            );
+        }
+    }
+    if cli.config.iter().any(|(_, v)| v.contains(&secret)) {
+        bail!("a --config value holds the signing key: the plugin must never see it");
+    }
+    Ok(())
+}
+
 /// Parses the command line, serves one go command, and reports.
 pub fn run() -> Result<ExitCode> {
     let Some(cli) = parse()? else { return Ok(ExitCode::SUCCESS) };
+    if let Some(Subcommand::Keygen { out }) = &cli.command {
+        let public = trust::keygen(out)?;
+        // stdout: this is a command of its own, not a go command's helper.
+        println!("{public}");
+        eprintln!(
+            "gocp: wrote {} (secret: keep it in a CI secret or a file of mode 0600) and {}; trust it with --trust-key {} or GOCP_TRUST_KEY={public}",
+            out.join("signing.key").display(),
+            out.join("signing.pub").display(),
+            out.join("signing.pub").display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let spec = match &cli.command {
         Some(Subcommand::PluginTest { plugin: Some(p) }) => p.clone(),
         _ => cli.plugin.clone(),
@@ -354,8 +435,17 @@ pub fn run() -> Result<ExitCode> {
     // what its go command was handed. Without it (a read-only sessions/),
     // only the trim's recent-use window protects them.
     let _lease = sessions::acquire(&dir, SystemTime::now()).ok();
+    let trust = load_trust(&cli)?;
+    check_key_stays_here(&cli, &trust)?;
     let plugin =
         Plugin::load(plugin_options(&cli, &spec, source, &dir, &dir.join("plugins"), cli.instances.map(usize::from)))?;
+    if trust.in_use() && !plugin.carries_host_data() {
+        bail!(
+            "plugin `{}` is built for {}, which cannot keep the signatures --sign-key and --trust-key need: use a plugin built for gocp:cache@0.2.0",
+            plugin.info.name,
+            plugin.contract()
+        );
+    }
     // Bodies kept elsewhere get a local tier of entries in front (see
     // `local`); so does a session whose plugin could not start (it says it
     // keeps bodies), which keeps what it stores on this machine alone.
@@ -377,6 +467,8 @@ pub fn run() -> Result<ExitCode> {
         drain_timeout: cli.drain_timeout,
         call_timeout: cli.plugin_timeout,
         state_dir: dir.clone(),
+        read_only: cli.read_only,
+        trust,
     };
     let report = |summary: &Summary| {
         if cli.verbose {

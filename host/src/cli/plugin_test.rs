@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
 
-use crate::backend::{Deadline, Entry, Instance as _, Progress, ReadBody};
+use crate::backend::{Deadline, Entry, Instance as _, Progress, ReadBody, StoredEntry};
 use crate::domain::now_ns;
 use crate::local::store::{CommitError, Store};
 use crate::plugin::{Instance, OpenError, Options, Template};
@@ -109,7 +109,7 @@ pub fn run(options: Options, scratch: &Path) -> Result<Report> {
                 OpenError::Failed(e) => e.to_string(),
             };
             check("open with the given configuration", Err(why));
-            return Ok(Report { plugin: format!("{} {}", info.name, info.version), checks });
+            return Ok(Report { plugin: format!("{} {} ({})", info.name, info.version, template.contract()), checks });
         }
     };
     check("open with the given configuration", Ok(()));
@@ -123,11 +123,19 @@ pub fn run(options: Options, scratch: &Path) -> Result<Report> {
             Err(e) => Err(e.to_string()),
         },
     );
-    let entry = Entry { output_id: digest("output"), size: 1234, put_time_ns: now_ns() };
-    check("write-entry then read-entry returns it", put_then_get(&mut first, timeout, &action, &entry));
+    // Host data as a signature looks (the contract 0.1 carries none).
+    let host_data: Vec<u8> = if template.carries_host_data() { (0..65u8).collect() } else { Vec::new() };
+    let stored = |output: &str, size: u64| StoredEntry {
+        entry: Entry { output_id: digest(output), size, put_time_ns: now_ns() },
+        host_data: host_data.clone(),
+    };
+    let entry = stored("output", 1234);
+    check(
+        "write-entry then read-entry returns it, host data and all",
+        put_then_get(&mut first, timeout, &action, &entry),
+    );
     check("write-entry is idempotent", put_then_get(&mut first, timeout, &action, &entry));
-    let newer = Entry { output_id: digest("output 2"), size: 99, put_time_ns: now_ns() };
-    check("write-entry replaces an older entry", put_then_get(&mut first, timeout, &action, &newer));
+    check("write-entry replaces an older entry", put_then_get(&mut first, timeout, &action, &stored("output 2", 99)));
 
     if stores_bodies {
         for size in [0usize, 1024, 8 << 20] {
@@ -151,7 +159,7 @@ pub fn run(options: Options, scratch: &Path) -> Result<Report> {
     if info.max_instances != 1 {
         let mut second = template.instantiate_open(&deadline(timeout)).map_err(open_error)?;
         let shared_action = digest("shared action");
-        let shared = Entry { output_id: digest("shared output"), size: 7, put_time_ns: now_ns() };
+        let shared = stored("shared output", 7);
         check(
             "an entry written by one instance is read by another",
             first.write_entry(&shared_action, &shared, &deadline(timeout)).map_err(|e| e.to_string()).and_then(|()| {
@@ -170,8 +178,9 @@ pub fn run(options: Options, scratch: &Path) -> Result<Report> {
                     let instance = instance.as_mut().map_err(|e| e.to_string())?;
                     for n in 0..50 {
                         let a = digest(&format!("thread {t} action {n}"));
-                        let e = Entry { output_id: digest(&format!("thread {t} output {n}")), size: n, put_time_ns: 1 };
-                        put_then_get(instance, timeout, &a, &e)?;
+                        let entry =
+                            Entry { output_id: digest(&format!("thread {t} output {n}")), size: n, put_time_ns: 1 };
+                        put_then_get(instance, timeout, &a, &StoredEntry { entry, host_data: Vec::new() })?;
                     }
                     Ok(())
                 })
@@ -186,7 +195,7 @@ pub fn run(options: Options, scratch: &Path) -> Result<Report> {
         check("finish (second instance)", second.finish(&deadline(timeout)).map_err(|e| e.to_string()));
     }
     check("finish", first.finish(&deadline(timeout)).map_err(|e| e.to_string()));
-    Ok(Report { plugin: format!("{} {}", info.name, info.version), checks })
+    Ok(Report { plugin: format!("{} {} ({})", info.name, info.version, template.contract()), checks })
 }
 
 fn open_error(e: OpenError) -> anyhow::Error {
@@ -197,11 +206,23 @@ fn open_error(e: OpenError) -> anyhow::Error {
 }
 
 /// An entry as a person reads it: the output id in hex.
-fn show(e: &Entry) -> String {
-    format!("{{output {}, {} bytes, put at {} ns}}", hex::encode(e.output_id), e.size, e.put_time_ns)
+fn show(e: &StoredEntry) -> String {
+    let StoredEntry { entry, host_data } = e;
+    format!(
+        "{{output {}, {} bytes, put at {} ns, {} bytes of host data}}",
+        hex::encode(entry.output_id),
+        entry.size,
+        entry.put_time_ns,
+        host_data.len()
+    )
 }
 
-fn put_then_get(instance: &mut Instance, timeout: Duration, action: &[u8; 32], entry: &Entry) -> Result<(), String> {
+fn put_then_get(
+    instance: &mut Instance,
+    timeout: Duration,
+    action: &[u8; 32],
+    entry: &StoredEntry,
+) -> Result<(), String> {
     instance.write_entry(action, entry, &deadline(timeout)).map_err(|e| format!("write-entry: {e}"))?;
     match instance.read_entry(action, &deadline(timeout)) {
         Ok(Some(got)) if got == *entry => Ok(()),

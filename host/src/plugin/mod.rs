@@ -29,10 +29,10 @@ use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::backend::{self, BodySink, BodySource, CallError, Deadline, Digest, Entry, Progress, ReadBody};
+use crate::backend::{self, BodySink, BodySource, CallError, Deadline, Digest, Entry, Progress, ReadBody, StoredEntry};
 use crate::text;
 
-pub use bindings::{Capabilities, Info};
+pub use bindings::{Capabilities, ConfigKey, Info};
 pub use sandbox::{DirGrant, Grants, NetGrant};
 
 /// How often the engine's epoch advances while a plugin call is running: the
@@ -154,7 +154,7 @@ pub struct Template {
     networked: bool,
     /// The interfaces it imports, by name.
     pub imports: Vec<String>,
-    pre: bindings::PluginPre<HostState>,
+    pre: bindings::Pre<HostState>,
     pub options: Options,
     sandbox: sandbox::Sandbox,
 }
@@ -162,7 +162,7 @@ pub struct Template {
 /// One instance of the plugin, with its own memory. Calls into it never overlap.
 pub struct Instance {
     store: Store<HostState>,
-    plugin: bindings::Plugin,
+    plugin: bindings::Exports,
     in_flight: InFlight,
 }
 
@@ -261,6 +261,18 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// The contract the plugin was built for, e.g. `gocp:cache@0.2.0`.
+    pub fn contract(&self) -> &'static str {
+        self.template.contract()
+    }
+
+    /// Whether entries keep the host's data (signatures) through this plugin.
+    pub fn carries_host_data(&self) -> bool {
+        self.template.carries_host_data()
+    }
+}
+
 impl backend::Backend for Plugin {
     fn label(&self) -> &str {
         &self.label
@@ -276,6 +288,10 @@ impl backend::Backend for Plugin {
 
     fn instances(&self) -> usize {
         self.instances
+    }
+
+    fn carries_host_data(&self) -> bool {
+        Plugin::carries_host_data(self)
     }
 
     fn unavailable(&self) -> Option<&str> {
@@ -395,11 +411,20 @@ impl Template {
         }
         let pre =
             linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
-        let pre = bindings::PluginPre::new(pre)
-            .map_err(|e| anyhow!("not a gocp plugin (it must export gocp:cache/backend@0.1.0): {e:#}"))?;
+        let pre = bindings::Pre::new(pre)?;
         let state_dir = options.state_root.join(options.source.state_dir_name());
         let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout);
         Ok(Template { engine, in_flight, networked, imports, pre, options, sandbox })
+    }
+
+    /// The contract the plugin was built for, e.g. `gocp:cache@0.2.0`.
+    pub fn contract(&self) -> &'static str {
+        self.pre.contract()
+    }
+
+    /// Whether entries keep the host's data through this plugin.
+    pub fn carries_host_data(&self) -> bool {
+        self.pre.carries_host_data()
     }
 
     /// A fresh instance, and the plugin's description (`describe` within `deadline`).
@@ -447,7 +472,7 @@ impl Instance {
     fn call<T>(
         &mut self,
         deadline: &Deadline,
-        f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+        f: impl FnOnce(&bindings::Exports, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
         let left = deadline.remaining(Instant::now()).unwrap_or_default();
         self.store.set_epoch_deadline(ticks(left));
@@ -468,7 +493,7 @@ impl Instance {
     /// What the plugin says it is, with its name and version safe to print
     /// (they appear in messages and statistics).
     fn describe(&mut self, deadline: &Deadline) -> Result<Info, CallError> {
-        let mut info = self.call(deadline, |p, s| p.gocp_cache_backend().call_describe(s))?;
+        let mut info = self.call(deadline, |p, s| p.describe(s))?;
         info.name = text::one_line(&info.name);
         info.version = text::one_line(&info.version);
         Ok(info)
@@ -476,7 +501,7 @@ impl Instance {
 
     /// Opens the instance with `config`.
     pub fn open(&mut self, config: &[(String, String)], deadline: &Deadline) -> Result<Capabilities, OpenError> {
-        match self.call(deadline, |p, s| p.gocp_cache_backend().call_open(s, config)) {
+        match self.call(deadline, |p, s| p.open(s, config)) {
             Ok(Ok(caps)) => Ok(caps),
             Ok(Err(bindings::Error::InvalidConfig(m))) => Err(OpenError::Config(text::one_line(&m))),
             Ok(Err(e)) => Err(OpenError::Failed(plugin_error(e))),
@@ -486,14 +511,14 @@ impl Instance {
 }
 
 impl backend::Instance for Instance {
-    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<Entry>, CallError> {
-        let id = action_id.to_vec();
-        match self.call(deadline, |p, s| p.gocp_cache_backend().call_read_entry(s, &id))? {
+    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<StoredEntry>, CallError> {
+        match self.call(deadline, |p, s| p.read_entry(s, action_id))? {
             Ok(e) => {
                 let output_id = e.output_id.as_slice().try_into().map_err(|_| {
                     CallError::Broken(format!("read-entry returned an output id of {} bytes", e.output_id.len()))
                 })?;
-                Ok(Some(Entry { output_id, size: e.size, put_time_ns: e.put_time_ns }))
+                let entry = Entry { output_id, size: e.size, put_time_ns: e.put_time_ns };
+                Ok(Some(StoredEntry { entry, host_data: e.host_data }))
             }
             Err(bindings::Error::NotFound) => Ok(None),
             Err(e) => Err(plugin_error(e)),
@@ -511,8 +536,7 @@ impl backend::Instance for Instance {
         let stream: DynOutputStream = Box::new(stream);
         let handle = self.store.data_mut().table.push(stream).map_err(|e| CallError::Trap(e.into()))?;
         let borrowed = Resource::new_borrow(handle.rep());
-        let id = output_id.to_vec();
-        let result = self.call(deadline, |p, s| p.gocp_cache_backend().call_read_body(s, &id, size, borrowed));
+        let result = self.call(deadline, |p, s| p.read_body(s, output_id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         let sink = sink.take().expect("the sink is handed back only here");
         match result? {
@@ -532,21 +556,24 @@ impl backend::Instance for Instance {
         let stream: DynInputStream = Box::new(streams::ReadStream::new(source));
         let handle = self.store.data_mut().table.push(stream).map_err(|e| CallError::Trap(e.into()))?;
         let borrowed = Resource::new_borrow(handle.rep());
-        let id = output_id.to_vec();
-        let result = self.call(deadline, |p, s| p.gocp_cache_backend().call_write_body(s, &id, size, borrowed));
+        let result = self.call(deadline, |p, s| p.write_body(s, output_id, size, borrowed));
         let _ = self.store.data_mut().table.delete(handle);
         result?.map_err(plugin_error)
     }
 
-    fn write_entry(&mut self, action_id: &Digest, entry: &Entry, deadline: &Deadline) -> Result<(), CallError> {
-        let wire =
-            bindings::Entry { output_id: entry.output_id.to_vec(), size: entry.size, put_time_ns: entry.put_time_ns };
-        let id = action_id.to_vec();
-        self.call(deadline, |p, s| p.gocp_cache_backend().call_write_entry(s, &id, &wire))?.map_err(plugin_error)
+    fn write_entry(&mut self, action_id: &Digest, stored: &StoredEntry, deadline: &Deadline) -> Result<(), CallError> {
+        let entry = &stored.entry;
+        let wire = bindings::WireEntry {
+            output_id: entry.output_id.to_vec(),
+            size: entry.size,
+            put_time_ns: entry.put_time_ns,
+            host_data: stored.host_data.clone(),
+        };
+        self.call(deadline, |p, s| p.write_entry(s, action_id, &wire))?.map_err(plugin_error)
     }
 
     fn finish(&mut self, deadline: &Deadline) -> Result<(), CallError> {
-        self.call(deadline, |p, s| p.gocp_cache_backend().call_finish(s))?.map_err(plugin_error)
+        self.call(deadline, |p, s| p.finish(s))?.map_err(plugin_error)
     }
 }
 

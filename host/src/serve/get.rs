@@ -16,10 +16,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::stages;
+use super::stages::{self, Refused};
 use super::workers::{Abandoned, Calls, Worker};
 use super::{Problem, Session, path_string, prefetch};
-use crate::backend::{Digest, Entry, ReadBody};
+use crate::backend::{CallError, Digest, Entry, ReadBody};
 use crate::local::store::CommitError;
 use crate::protocol::{Response, format_time};
 
@@ -84,7 +84,7 @@ fn respond(session: &Arc<Session>, worker: &mut Worker, id: i64, action_id: Dige
 /// `None` for a miss. An entry that answers followed by a body that fails is
 /// a failure: a backend whose bodies stall must be paused too.
 fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest) -> Option<(Entry, PathBuf)> {
-    let entry = match calls.read_entry(action_id).and_then(|found| found.map(stages::entry_in).transpose()) {
+    let entry = match find_entry(session, calls, action_id) {
         Ok(Some(entry)) => entry,
         Ok(None) => {
             session.breaker.success();
@@ -111,6 +111,25 @@ fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest) -> Opti
     };
     session.breaker.success();
     Some((entry, path?))
+}
+
+/// The entry of `action_id` the backend holds where the trusted keys write
+/// it (see `stages::entry_lookups`), the first one that passes the stages.
+/// An entry no trusted key signed counts as not found, and is counted.
+pub(super) fn find_entry(
+    session: &Session,
+    calls: &mut Calls<'_>,
+    action_id: &Digest,
+) -> Result<Option<Entry>, CallError> {
+    for lookup in stages::entry_lookups(&session.trust, action_id) {
+        let Some(stored) = calls.read_entry(&lookup.key)? else { continue };
+        match stages::entry_in(&session.trust, &lookup, action_id, stored) {
+            Ok(entry) => return Ok(Some(entry)),
+            Err(Refused::Untrusted) => session.untrusted(),
+            Err(Refused::Broken(e)) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 fn hit(session: &Session, id: i64, entry: &Entry, path: PathBuf) -> Response {

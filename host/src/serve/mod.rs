@@ -52,6 +52,7 @@ use crate::local::LocalTier;
 use crate::local::store::TrimPolicy;
 use crate::protocol::{Command, DecodeError, Decoder, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS};
 use crate::stats::{Stats, Summary};
+use crate::trust::Trust;
 use breaker::Breaker;
 use problems::{Problem, Problems};
 use responder::Responder;
@@ -69,6 +70,10 @@ pub struct Settings {
     /// How long the threads may take, at the end, to finish the request in
     /// hand (recording the last puts) and run `finish`.
     pub drain_timeout: Duration,
+    /// Give the backend nothing to write: every put stays on this machine.
+    pub read_only: bool,
+    /// Whose entries to use, and what to sign (see `trust`).
+    pub trust: Trust,
 }
 
 /// How a session ended.
@@ -100,6 +105,8 @@ struct Session {
     known: KnownBodies,
     /// Serving threads: what `record` and `prefetch` must leave free.
     threads: usize,
+    read_only: bool,
+    trust: Trust,
 }
 
 /// Serves one go command until it closes (or input ends or breaks), and
@@ -128,6 +135,8 @@ pub fn serve(
         local,
         backend,
         threads,
+        read_only: settings.read_only,
+        trust: settings.trust,
     });
     session.responder.send(&Response::capabilities(KNOWN_COMMANDS));
     if let Some(why) = session.backend.unavailable() {
@@ -354,6 +363,18 @@ impl Session {
         self.stats.plugin_timeouts.add(1);
         self.problems.report(Problem::Backend, "a call hung past its deadline; its thread was given up".into());
         self.breaker.outage();
+    }
+
+    /// An entry the backend returned that no trusted key signed: a miss,
+    /// counted, said once.
+    fn untrusted(&self) {
+        self.stats.untrusted_entries.add(1);
+        self.problems.report(
+            Problem::Trust,
+            "an entry from the plugin is not signed by a trusted key: it is ignored, as are any others like it \
+             (untrusted_entries in --stats-json)"
+                .into(),
+        );
     }
 
     /// No instance could be started for a piece of work.

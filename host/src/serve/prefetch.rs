@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
-use super::get::fetch;
+use super::get::{fetch, find_entry};
 use super::stages;
 use super::workers::{Abandoned, Calls, Worker};
 use super::{Problem, Session};
@@ -116,9 +116,12 @@ pub(super) fn look_for_manifest(
 }
 
 fn read_manifest(session: &Session, calls: &mut Calls<'_>, key: &Digest) -> Option<Vec<Item>> {
-    let found = match calls.read_entry(key) {
+    // Found like any entry: where the trusted keys write, signed by them.
+    let found = match find_entry(session, calls, key) {
         Ok(found) => found,
-        // No other key is tried after a failure, so a dead server costs one call.
+        // Only an optimisation failed: no line and no error count (the go
+        // command's own requests report a real outage), but the breaker hears
+        // of it, and no other key is tried, so a dead server costs one call.
         Err(e) => {
             if e.is_outage() {
                 session.breaker.outage();
@@ -208,7 +211,7 @@ fn bring_in(session: &Arc<Session>, worker: &mut Worker, item: Item) -> Result<(
 /// machine: its body first, then a pointer from each of the session's first
 /// gets.
 pub(super) fn leave_manifest(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Abandoned> {
-    if session.breaker.paused() {
+    if session.breaker.paused() || session.read_only {
         return Ok(());
     }
     let found = session.prefetch.found.load(Ordering::SeqCst);
@@ -239,7 +242,8 @@ pub(super) fn leave_manifest(session: &Arc<Session>, worker: &mut Worker) -> Res
             }
         }
         for key in &to_write.keys {
-            if let Err(e) = calls.write_entry(&manifest::pointer_key(key), &stages::entry_out(&entry)) {
+            let (at, stored) = stages::entry_out(&session.trust, &manifest::pointer_key(key), &entry);
+            if let Err(e) = calls.write_entry(&at, &stored) {
                 session.backend_failed(&e);
                 return;
             }

@@ -17,11 +17,13 @@ pub enum Problem {
     Backend,
     /// The local store (a full or read-only disk).
     Store,
+    /// Entries no trusted key signed.
+    Trust,
 }
 
 pub struct Problems {
     backend_name: String,
-    seen: [AtomicU64; 2],
+    seen: [AtomicU64; 3],
 }
 
 impl Problems {
@@ -42,6 +44,7 @@ impl Problems {
                 self.backend_name
             ),
             Problem::Store => eprintln!("gocp: {message} (the build goes on; later errors are only counted)"),
+            Problem::Trust => eprintln!("gocp: plugin {}: {message}", self.backend_name),
         }
     }
 }

@@ -55,7 +55,7 @@ pub(super) fn receive(
     session.remember(&action_id, &entry);
     session.prefetch.note_put(&action_id, &entry);
     // Not `allows`: a probe is let through when the put is recorded.
-    if session.breaker.paused() {
+    if session.breaker.paused() || session.read_only {
         session.stats.local_only_puts.add(1);
         return Ok(Next::Nothing);
     }

@@ -178,7 +178,8 @@ fn record_with(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, ent
         }
         session.known.insert(entry.output_id);
     }
-    match calls.write_entry(action_id, &stages::entry_out(entry)) {
+    let (at, stored) = stages::entry_out(&session.trust, action_id, entry);
+    match calls.write_entry(&at, &stored) {
         Ok(()) => session.breaker.success(),
         Err(e) => session.backend_failed(&e),
     }

@@ -14,8 +14,12 @@
 //! A body going out (local store -> backend): read from the stored file,
 //! already verified when it was stored, and counted.
 //!
-//! An entry coming in: refused if it claims a size no Go output has.
-//! An entry going out: as it is.
+//! An entry coming in, found where the keys this session trusts write it
+//! (see `trust`): refused if it claims a size no Go output has, then, when
+//! keys are trusted, used only if the key it was looked up for signed exactly
+//! it.
+//! An entry going out: sealed, that is written where this session's key
+//! writes, with its signature as host data (as it is, without a key).
 //!
 //! It must never let a byte reach the local store other than through the
 //! store's verifying writer.
@@ -23,9 +27,10 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 
-use crate::backend::{CallError, Progress};
-use crate::domain::Entry;
+use crate::backend::{CallError, Progress, StoredEntry};
+use crate::domain::{Digest, Entry};
 use crate::local::store::BodyWriter;
+use crate::trust::{Lookup, Trust};
 
 /// The largest body an entry may claim. Go outputs reach hundreds of MB; a
 /// claim far beyond that is a broken backend, not a cache entry.
@@ -103,17 +108,35 @@ impl Read for BodySource {
     }
 }
 
-/// An entry from the backend, as the core may use it.
-pub fn entry_in(entry: Entry) -> Result<Entry, CallError> {
+/// Why an entry from the backend is not used.
+pub enum Refused {
+    /// The backend answered nonsense.
+    Broken(CallError),
+    /// Not signed by the key it was looked up for.
+    Untrusted,
+}
+
+/// Where to look up the entry of `action_id`, in order.
+pub fn entry_lookups<'a>(trust: &'a Trust, action_id: &Digest) -> Vec<Lookup<'a>> {
+    trust.lookups(action_id)
+}
+
+/// An entry the backend returned for `lookup`, as the core may use it.
+pub fn entry_in(trust: &Trust, lookup: &Lookup<'_>, action_id: &Digest, stored: StoredEntry) -> Result<Entry, Refused> {
+    let StoredEntry { entry, host_data } = stored;
     if entry.size > MAX_BODY {
-        return Err(CallError::Broken(format!("read-entry claims a body of {} bytes", entry.size)));
+        return Err(Refused::Broken(CallError::Broken(format!("read-entry claims a body of {} bytes", entry.size))));
+    }
+    if !trust.accepts(lookup, action_id, &entry, &host_data) {
+        return Err(Refused::Untrusted);
     }
     Ok(entry)
 }
 
-/// An entry as the backend is given it.
-pub fn entry_out(entry: &Entry) -> Entry {
-    *entry
+/// The entry of `action_id` as the backend is given it, and under which key.
+pub fn entry_out(trust: &Trust, action_id: &Digest, entry: &Entry) -> (Digest, StoredEntry) {
+    let (key, host_data) = trust.seal(action_id, entry);
+    (key, StoredEntry { entry: *entry, host_data })
 }
 
 #[cfg(test)]
@@ -142,8 +165,11 @@ mod tests {
 
     #[test]
     fn an_impossible_size_is_refused() {
+        let trust = Trust::default();
+        let lookup = &entry_lookups(&trust, &[3; 32])[0];
         let entry = Entry { output_id: [1; 32], size: MAX_BODY + 1, put_time_ns: 0 };
-        assert!(matches!(entry_in(entry), Err(CallError::Broken(_))));
-        assert!(entry_in(Entry { size: 5, ..entry }).is_ok());
+        let stored = |entry| StoredEntry { entry, host_data: Vec::new() };
+        assert!(matches!(entry_in(&trust, lookup, &[3; 32], stored(entry)), Err(Refused::Broken(_))));
+        assert!(entry_in(&trust, lookup, &[3; 32], stored(Entry { size: 5, ..entry })).is_ok());
     }
 }

@@ -18,11 +18,14 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 use super::{Ending, Settings, serve};
-use crate::backend::{Backend, BodySink, BodySource, CallError, Deadline, Digest, Entry, Instance, ReadBody};
+use crate::backend::{
+    Backend, BodySink, BodySource, CallError, Deadline, Digest, Entry, Instance, ReadBody, StoredEntry,
+};
 use crate::local::LocalTier;
 use crate::local::entries::LocalEntries;
 use crate::local::store::{Store, TrimPolicy};
 use crate::stats::Summary;
+use crate::trust::{PrivateKey, Trust};
 
 /// What a test backend does wrong, call by call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,7 +60,7 @@ struct TestBackend {
     instances: usize,
     unavailable: Option<String>,
     faults: Mutex<Faults>,
-    entries: Mutex<HashMap<Digest, Entry>>,
+    entries: Mutex<HashMap<Digest, StoredEntry>>,
     bodies: Mutex<HashMap<Digest, Vec<u8>>>,
     calls: Mutex<HashMap<&'static str, usize>>,
     started: AtomicUsize,
@@ -91,7 +94,7 @@ impl TestBackend {
     /// Holds `body` under `action` as if an earlier session had stored it.
     fn holds(&self, action: Digest, body: &[u8]) -> Entry {
         let entry = Entry { output_id: sha(body), size: body.len() as u64, put_time_ns: 1 };
-        self.entries.lock().unwrap().insert(action, entry);
+        self.entries.lock().unwrap().insert(action, StoredEntry { entry, host_data: Vec::new() });
         self.bodies.lock().unwrap().insert(entry.output_id, body.to_vec());
         entry
     }
@@ -147,6 +150,10 @@ impl Backend for Arc<TestBackend> {
         self.instances
     }
 
+    fn carries_host_data(&self) -> bool {
+        true
+    }
+
     fn unavailable(&self) -> Option<&str> {
         self.unavailable.as_deref()
     }
@@ -162,14 +169,14 @@ impl Backend for Arc<TestBackend> {
 }
 
 impl Instance for TestInstance {
-    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<Entry>, CallError> {
+    fn read_entry(&mut self, action_id: &Digest, deadline: &Deadline) -> Result<Option<StoredEntry>, CallError> {
         let b = &self.0;
         b.count("read_entry");
         let fault = b.faults.lock().unwrap().read_entry;
         if let Some(e) = b.fault(fault, deadline) {
             return Err(e);
         }
-        Ok(b.entries.lock().unwrap().get(action_id).copied())
+        Ok(b.entries.lock().unwrap().get(action_id).cloned())
     }
 
     fn read_body(
@@ -221,14 +228,14 @@ impl Instance for TestInstance {
         Ok(())
     }
 
-    fn write_entry(&mut self, action_id: &Digest, entry: &Entry, deadline: &Deadline) -> Result<(), CallError> {
+    fn write_entry(&mut self, action_id: &Digest, entry: &StoredEntry, deadline: &Deadline) -> Result<(), CallError> {
         let b = &self.0;
         b.count("write_entry");
         let fault = b.faults.lock().unwrap().write_entry;
         if let Some(e) = b.fault(fault, deadline) {
             return Err(e);
         }
-        b.entries.lock().unwrap().insert(*action_id, *entry);
+        b.entries.lock().unwrap().insert(*action_id, entry.clone());
         Ok(())
     }
 
@@ -268,6 +275,18 @@ impl GoCommand {
     }
 
     fn start_in(backend: &Arc<TestBackend>, state: &Path, drain: Duration) -> GoCommand {
+        GoCommand::start_as(backend, state, drain, false, Trust::default())
+    }
+
+    /// A session on a new state directory, signing and trusting as `trust` says.
+    fn start_trusting(backend: &Arc<TestBackend>, trust: Trust, read_only: bool) -> GoCommand {
+        let state = tempfile::tempdir().unwrap();
+        let mut go = GoCommand::start_as(backend, state.path(), Duration::from_secs(5), read_only, trust);
+        go._state = Some(state);
+        go
+    }
+
+    fn start_as(backend: &Arc<TestBackend>, state: &Path, drain: Duration, read_only: bool, trust: Trust) -> GoCommand {
         let (input_r, input_w) = std::io::pipe().unwrap();
         let (output_r, output_w) = std::io::pipe().unwrap();
         let store = Store::open(state).unwrap();
@@ -278,6 +297,8 @@ impl GoCommand {
             state_dir: state.to_path_buf(),
             call_timeout: Duration::from_millis(100),
             drain_timeout: drain,
+            read_only,
+            trust,
         };
         let backend: Arc<dyn Backend> = Arc::new(backend.clone());
         let session = std::thread::spawn(move || {
@@ -506,7 +527,7 @@ fn the_latest_put_of_an_action_is_the_one_recorded() {
         go.recv();
     }
     go.close(51);
-    let recorded = backend.entries.lock().unwrap()[&action(1)];
+    let recorded = backend.entries.lock().unwrap()[&action(1)].entry;
     assert_eq!(recorded.output_id, sha(b"version 49"));
 }
 
@@ -558,4 +579,88 @@ fn broken_answers_are_misses_that_never_pause_the_backend() {
     }
     let stats = go.close(11);
     assert_eq!((stats.plugin_errors, stats.breaker_trips, stats.skipped_while_paused), (10, 0, 0));
+}
+
+/// A key of the tests' own, made from `n`.
+fn key(n: u8) -> PrivateKey {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k");
+    let text = format!("gocp-ed25519-private:{}\n", BASE64.encode([n; 32]));
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    PrivateKey::from_file(&file).unwrap()
+}
+
+/// Puts `n` outputs, asking for each first as the go command does.
+fn build(go: &mut GoCommand, n: u32) {
+    for i in 0..n {
+        assert_eq!(go.ask(i as i64 * 2 + 1, &action(i))["Miss"], true);
+        go.put(i as i64 * 2 + 2, &action(i), format!("output {i}").repeat(100).as_bytes());
+        assert!(go.recv()["DiskPath"].is_string());
+    }
+}
+
+#[test]
+fn signed_entries_are_used_only_by_readers_that_trust_the_key() {
+    let backend = TestBackend::new(true);
+    let mut main = GoCommand::start_trusting(&backend, Trust::new(Some(key(1)), Vec::new()), false);
+    build(&mut main, 10);
+    main.close(100);
+    assert!(backend.entries.lock().unwrap().values().all(|e| !e.host_data.is_empty()), "every entry signed");
+    assert!(
+        (0..10).all(|i| !backend.entries.lock().unwrap().contains_key(&action(i))),
+        "none under the plain action ids: a signer writes in its own namespace"
+    );
+
+    let mut trusting = GoCommand::start_trusting(&backend, Trust::new(None, vec![key(1).public()]), true);
+    for i in 0..10 {
+        assert!(trusting.ask(i as i64 + 1, &action(i))["DiskPath"].is_string(), "output {i}");
+    }
+    assert_eq!(trusting.close(100).untrusted_entries, 0);
+
+    // Trusting another key, or none, the signed entries are not even found.
+    for trust in [Trust::new(None, vec![key(2).public()]), Trust::default()] {
+        let mut other = GoCommand::start_trusting(&backend, trust, true);
+        for i in 0..10 {
+            assert_eq!(other.ask(i as i64 + 1, &action(i))["Miss"], true);
+        }
+        other.close(100);
+    }
+}
+
+#[test]
+fn entries_changed_by_whoever_can_write_the_store_are_misses() {
+    let backend = TestBackend::new(true);
+    let mut main = GoCommand::start_trusting(&backend, Trust::new(Some(key(1)), Vec::new()), false);
+    build(&mut main, 10);
+    main.close(100);
+    // Swap what two actions' entries say, signatures and all: each is a
+    // well-formed entry, signed by the trusted key, for another action.
+    {
+        let mut entries = backend.entries.lock().unwrap();
+        let trust = Trust::new(None, vec![key(1).public()]);
+        let (a, b) = (trust.lookups(&action(3))[0].key, trust.lookups(&action(4))[0].key);
+        let (ea, eb) = (entries[&a].clone(), entries[&b].clone());
+        entries.insert(a, eb);
+        entries.insert(b, ea);
+    }
+    let mut reader = GoCommand::start_trusting(&backend, Trust::new(None, vec![key(1).public()]), true);
+    for i in 0..10 {
+        let answer = reader.ask(i as i64 + 1, &action(i));
+        assert_eq!(answer["Miss"] == true, i == 3 || i == 4, "output {i}: {answer}");
+    }
+    let stats = reader.close(100);
+    assert_eq!(stats.untrusted_entries, 2, "{stats:?}");
+}
+
+#[test]
+fn a_read_only_session_gives_the_backend_nothing_to_write() {
+    let backend = TestBackend::new(true);
+    let mut go = GoCommand::start_trusting(&backend, Trust::default(), true);
+    build(&mut go, 40);
+    assert!(go.ask(1000, &action(5))["DiskPath"].is_string(), "its own puts are served");
+    let stats = go.close(1001);
+    assert_eq!((backend.calls("write_entry"), backend.calls("write_body")), (0, 0), "no manifest either");
+    assert_eq!(stats.local_only_puts, 40);
+    assert!(backend.calls("read_entry") > 0, "but it reads");
 }

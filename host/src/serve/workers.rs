@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::backend::{Backend, BodySink, BodySource, CallError, Deadline, Digest, Entry, Instance, Progress, ReadBody};
+use crate::backend::{
+    Backend, BodySink, BodySource, CallError, Deadline, Digest, Instance, Progress, ReadBody, StoredEntry,
+};
 
 /// Extra time a call gets beyond its own deadline before the watchdog steps
 /// in: a backend that can stop its own calls does so first, and more cleanly.
@@ -350,7 +352,7 @@ impl<'a> Calls<'a> {
         self.progress
     }
 
-    pub fn read_entry(&mut self, action_id: &Digest) -> Result<Option<Entry>, CallError> {
+    pub fn read_entry(&mut self, action_id: &Digest) -> Result<Option<StoredEntry>, CallError> {
         self.call(|i, d| i.read_entry(action_id, d))
     }
 
@@ -362,7 +364,7 @@ impl<'a> Calls<'a> {
         self.call(|i, d| i.write_body(output_id, size, source, d))
     }
 
-    pub fn write_entry(&mut self, action_id: &Digest, entry: &Entry) -> Result<(), CallError> {
+    pub fn write_entry(&mut self, action_id: &Digest, entry: &StoredEntry) -> Result<(), CallError> {
         self.call(|i, d| i.write_entry(action_id, entry, d))
     }
 

@@ -33,8 +33,8 @@ use wasip2::filesystem::preopens::get_directories;
 use wasip2::filesystem::types::{Descriptor, DescriptorFlags, ErrorCode, NewTimestamp, OpenFlags, PathFlags};
 
 use gocp_plugin_sdk::{
-    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, copy_from_stream,
-    copy_to_stream, export_backend, hex,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
+    copy_from_stream, copy_to_stream, export_backend, hex,
 };
 
 const STATE_DIR: &str = "/state";
@@ -44,8 +44,6 @@ const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(86_400);
 /// How stale a file's time may get before a use refreshes it: writing a time on
 /// every hit would cost a metadata write per cache hit.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
-/// Longer than any entry line (`v1`, 64 hex digits, two numbers).
-const MAX_ENTRY_LINE: u64 = 256;
 
 struct Disk {
     root: PathBuf,
@@ -182,7 +180,8 @@ impl Backend for Disk {
             Err(ErrorCode::NoEntry) => return Err(Error::NotFound),
             Err(e) => return Err(Error::broken(&format!("opening {path}"), e)),
         };
-        let (bytes, _) = file.read(MAX_ENTRY_LINE, 0).map_err(|e| Error::broken(&format!("reading {path}"), e))?;
+        let (bytes, _) =
+            file.read(MAX_ENTRY_LINE as u64, 0).map_err(|e| Error::broken(&format!("reading {path}"), e))?;
         // A line that does not parse is a miss to be overwritten, not an outage.
         let entry = std::str::from_utf8(&bytes).ok().and_then(Entry::parse).ok_or(Error::NotFound)?;
         let modified = file.stat().ok().and_then(|s| s.data_modification_timestamp);

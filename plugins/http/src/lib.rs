@@ -21,15 +21,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use gocp_http_client::{Body, Client, Method, Response};
 use gocp_plugin_sdk::{
-    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, export_backend,
-    hex,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
+    export_backend, hex,
 };
 use url::Url;
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Far longer than any entry line (`v1`, 64 hex digits, two numbers): an
-/// answer longer than this under `ac/` was not written by gocp.
-const MAX_ENTRY: usize = 1024;
 
 /// Where the credentials came from, so that a refusal can say what to check.
 enum Auth {
@@ -254,10 +251,10 @@ impl Backend for Http {
             404 => return Err(Error::NotFound),
             s => return Err(self.refused("GET", &path, s)),
         }
-        let text = response.bytes(MAX_ENTRY + 1)?;
-        if text.len() > MAX_ENTRY {
+        let text = response.bytes(MAX_ENTRY_LINE + 1)?;
+        if text.len() > MAX_ENTRY_LINE {
             return Err(Error::Broken(format!(
-                "{}: GET {path}: more than {MAX_ENTRY} bytes, not an entry gocp wrote: is another tool using this path?",
+                "{}: GET {path}: more than {MAX_ENTRY_LINE} bytes, not an entry gocp wrote: is another tool using this path?",
                 self.url
             )));
         }

@@ -79,7 +79,7 @@ impl Backend for Memory {
     }
 
     fn read_entry(&mut self, action_id: &Digest) -> Result<Entry, Error> {
-        let entry = *self.entries.get(action_id).ok_or(Error::NotFound)?;
+        let entry = self.entries.get(action_id).ok_or(Error::NotFound)?.clone();
         self.touch(&entry.output_id);
         Ok(entry)
     }

@@ -22,8 +22,8 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use gocp_plugin_sdk::{
-    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, StreamError,
-    export_backend, hex, write_all,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
+    StreamError, export_backend, hex, write_all,
 };
 use resp::{Head, ReadError, Reply};
 
@@ -32,8 +32,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Redis refuses larger values (`proto-max-bulk-len`, 512 MiB by default).
 const DEFAULT_MAX_BODY: u64 = 512 << 20;
 const DEFAULT_PORT: u16 = 6379;
-/// Longer than any entry line (`v1`, 64 hex digits, two numbers).
-const MAX_ENTRY_LINE: u64 = 256;
 /// What a body download was doing when it failed before any byte reached the host.
 const ASKING_FOR_BODY: &str = "asking for a body";
 /// How much of a body moves per read or write.
@@ -488,7 +486,7 @@ impl Backend for Redis {
         let key = self.key("ac", action_id);
         let ttl = self.settings.ttl.unwrap_or(0).to_string();
         let command = self.get_command(&key, ttl.as_bytes());
-        let text = match self.call(&command, MAX_ENTRY_LINE)? {
+        let text = match self.call(&command, MAX_ENTRY_LINE as u64)? {
             Reply::Nil => return Err(Error::NotFound),
             Reply::Bulk(text) => text,
             other => return Err(self.unexpected("GET", other)),

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use gocp_http_client::{Body, Client, Method, Response};
 use gocp_plugin_sdk::{
-    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, OutputStream, export_backend,
-    hex,
+    Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
+    export_backend, hex,
 };
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use url::Url;
@@ -31,15 +31,13 @@ const TOKEN_VAR: &str = "AWS_SESSION_TOKEN";
 /// leaves the process; the hour is slack for a clock that is off, which S3
 /// would otherwise report as an expired request.
 const PRESIGN_EXPIRY: Duration = Duration::from_secs(3600);
-
-/// An entry line is about 100 bytes; anything much larger is not ours.
-const MAX_ENTRY_BYTES: usize = 4096;
 /// How much of an error document is read to find its code and message.
 const MAX_ERROR_BYTES: usize = 16 << 10;
 
 struct S3 {
     bucket: Bucket,
-    credentials: Credentials,
+    /// None: anonymous requests, for a bucket anyone may read.
+    credentials: Option<Credentials>,
     prefix: String,
     client: Client,
     /// "s3 at HOST:PORT", how messages name the server.
@@ -71,6 +69,10 @@ impl Backend for S3 {
                     "prefix",
                     "prepended to every object key, to keep teams or projects apart and to clean up one of them; \
                      Go's action ids already cover the Go version and inputs, so sharing a prefix is safe (default gocp/)",
+                ),
+                key(
+                    "credentials",
+                    "none: send requests unsigned, to read a bucket anyone may read (a fork's read-only build without secrets)",
                 ),
                 key("access-key-id", "the access key id, which is not a secret (default: from the environment)"),
                 key("access-key-id-env", "the variable holding the access key id (default AWS_ACCESS_KEY_ID)"),
@@ -133,7 +135,7 @@ impl Backend for S3 {
         if response.status != 200 {
             return Err(self.refusal(&response, &what));
         }
-        let text = String::from_utf8_lossy(&response.bytes(MAX_ENTRY_BYTES)?).into_owned();
+        let text = String::from_utf8_lossy(&response.bytes(MAX_ENTRY_LINE)?).into_owned();
         Entry::parse(&text).ok_or_else(|| {
             Error::Broken(format!(
                 "{what}: not a gocp entry ({} bytes): delete the object or use another prefix",
@@ -196,9 +198,9 @@ impl S3 {
 
     fn request(&self, method: Method, key: &str, body: Body) -> Result<Response, Error> {
         let (name, url) = match method {
-            Method::Get => ("GET", self.bucket.get_object(Some(&self.credentials), key).sign(PRESIGN_EXPIRY)),
-            Method::Head => ("HEAD", self.bucket.head_object(Some(&self.credentials), key).sign(PRESIGN_EXPIRY)),
-            _ => ("PUT", self.bucket.put_object(Some(&self.credentials), key).sign(PRESIGN_EXPIRY)),
+            Method::Get => ("GET", self.bucket.get_object(self.credentials.as_ref(), key).sign(PRESIGN_EXPIRY)),
+            Method::Head => ("HEAD", self.bucket.head_object(self.credentials.as_ref(), key).sign(PRESIGN_EXPIRY)),
+            _ => ("PUT", self.bucket.put_object(self.credentials.as_ref(), key).sign(PRESIGN_EXPIRY)),
         };
         self.client.send(method, &url, body, &self.what(name, key))
     }
@@ -284,10 +286,26 @@ fn check_bucket(name: &str, style: UrlStyle) -> Result<(), Error> {
 }
 
 /// The credentials, from the environment (or a literal access key id, which
-/// is not a secret). Secrets come only from variables so that they never
-/// appear in GOCACHEPROG, in `ps` or in a CI log. Also returns what to check
-/// when the server refuses them.
-fn credentials(config: &mut Config) -> Result<(Credentials, String), Error> {
+/// is not a secret), or none with `credentials=none`. Secrets come only from
+/// variables so that they never appear in GOCACHEPROG, in `ps` or in a CI
+/// log. Also returns what to check when the server refuses them.
+fn credentials(config: &mut Config) -> Result<(Option<Credentials>, String), Error> {
+    match config.take("credentials").as_deref() {
+        None => {}
+        Some("none") => {
+            let given = ["access-key-id", "access-key-id-env", "secret-access-key-env", "session-token-env"]
+                .into_iter()
+                .filter(|k| config.take(k).is_some())
+                .collect::<Vec<_>>();
+            if !given.is_empty() {
+                return Err(Error::InvalidConfig(format!("credentials=none, yet {} given", given.join(", "))));
+            }
+            let hint = "the bucket is read without credentials: it must allow anyone to read (and this build \
+                        should run with --read-only)";
+            return Ok((None, hint.into()));
+        }
+        Some(v) => return Err(Error::InvalidConfig(format!("credentials={v}: the only value is none"))),
+    }
     let missing = |var: &str, what: &str| {
         Error::InvalidConfig(format!("no {what}: set {var} and grant it with --allow-env {var}"))
     };
@@ -326,7 +344,7 @@ fn credentials(config: &mut Config) -> Result<(Credentials, String), Error> {
         None => Credentials::new(key, secret),
     };
     hint.push_str(" are valid and may read and write the bucket");
-    Ok((credentials, hint))
+    Ok((Some(credentials), hint))
 }
 
 /// A variable the user granted; unset and empty are the same to a user.

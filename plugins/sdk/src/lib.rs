@@ -59,32 +59,62 @@ pub fn parse_hex(s: &str) -> Option<Digest> {
 }
 
 /// What an action produced (see `entry` in the WIT file).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub output_id: Digest,
     pub size: u64,
     pub put_time_ns: u64,
+    /// The host's bytes: keep them with the entry and give them back as they
+    /// came (see `host-data` in the WIT file).
+    pub host_data: Vec<u8>,
 }
 
+/// The most host data an entry may carry (see the WIT file).
+pub const MAX_HOST_DATA: usize = 1024;
+
+/// Longer than any line [`Entry::to_line`] writes: what a plugin reading
+/// entries back needs to read at most.
+pub const MAX_ENTRY_LINE: usize = 4096;
+
 impl Entry {
-    /// The entry as one line of text, `v1 <output hex> <size> <put time ns>\n`:
-    /// the format the shipped plugins store, readable by people and by
-    /// [`Entry::parse`]. A plugin may keep entries in any format it likes.
+    /// The entry as one line of text, `v2 <output hex> <size> <put time ns>
+    /// <host data hex, or - when empty>\n`: the format the shipped plugins
+    /// store, readable by people and by [`Entry::parse`]. A plugin may keep
+    /// entries in any format it likes.
     pub fn to_line(&self) -> String {
-        format!("v1 {} {} {}\n", hex(&self.output_id), self.size, self.put_time_ns)
+        let host_data = if self.host_data.is_empty() { "-".to_string() } else { hex_bytes(&self.host_data) };
+        format!("v2 {} {} {} {host_data}\n", hex(&self.output_id), self.size, self.put_time_ns)
     }
 
-    /// Parses what [`Entry::to_line`] wrote; `None` for anything else.
+    /// Parses what [`Entry::to_line`] wrote, and the `v1` lines of earlier
+    /// versions (without host data); `None` for anything else.
     pub fn parse(text: &str) -> Option<Entry> {
         let mut fields = text.trim_end().split(' ');
-        if fields.next()? != "v1" {
-            return None;
-        }
+        let version = fields.next()?;
         let output_id = parse_hex(fields.next()?)?;
         let size = fields.next()?.parse().ok()?;
         let put_time_ns = fields.next()?.parse().ok()?;
-        fields.next().is_none().then_some(Entry { output_id, size, put_time_ns })
+        let host_data = match version {
+            "v1" => Vec::new(),
+            "v2" => match fields.next()? {
+                "-" => Vec::new(),
+                h => parse_hex_bytes(h).filter(|b| b.len() <= MAX_HOST_DATA)?,
+            },
+            _ => return None,
+        };
+        fields.next().is_none().then_some(Entry { output_id, size, put_time_ns, host_data })
     }
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex_bytes(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Why a call did not succeed (see `error` in the WIT file).
@@ -312,7 +342,12 @@ pub mod glue {
     ) -> Result<wit::Entry, wit::Error> {
         with(state, |b| {
             let e = b.read_entry(&digest(&action_id)?)?;
-            Ok(wit::Entry { output_id: e.output_id.to_vec(), size: e.size, put_time_ns: e.put_time_ns })
+            Ok(wit::Entry {
+                output_id: e.output_id.to_vec(),
+                size: e.size,
+                put_time_ns: e.put_time_ns,
+                host_data: e.host_data,
+            })
         })
     }
 
@@ -340,7 +375,18 @@ pub mod glue {
         entry: wit::Entry,
     ) -> Result<(), wit::Error> {
         with(state, |b| {
-            let e = Entry { output_id: digest(&entry.output_id)?, size: entry.size, put_time_ns: entry.put_time_ns };
+            if entry.host_data.len() > MAX_HOST_DATA {
+                return Err(Error::Broken(format!(
+                    "{} bytes of host data, more than the contract allows",
+                    entry.host_data.len()
+                )));
+            }
+            let e = Entry {
+                output_id: digest(&entry.output_id)?,
+                size: entry.size,
+                put_time_ns: entry.put_time_ns,
+                host_data: entry.host_data,
+            };
             b.write_entry(&digest(&action_id)?, e)
         })
     }
@@ -427,10 +473,17 @@ mod tests {
 
     #[test]
     fn entry_lines_round_trip() {
-        let entry = Entry { output_id: [0xab; 32], size: 12345, put_time_ns: 1_700_000_000_123_456_789 };
+        let mut entry =
+            Entry { output_id: [0xab; 32], size: 12345, put_time_ns: 1_700_000_000_123_456_789, host_data: Vec::new() };
+        assert_eq!(Entry::parse(&entry.to_line()), Some(entry.clone()));
+        entry.host_data = vec![1, 0xfe, 7];
+        assert!(entry.to_line().ends_with(" 01fe07\n"));
         assert_eq!(Entry::parse(&entry.to_line()), Some(entry));
-        assert_eq!(Entry::parse("v2 00 1 2"), None);
+        let v1 = format!("v1 {} 1 2\n", hex(&[0; 32]));
+        assert_eq!(Entry::parse(&v1).map(|e| e.host_data), Some(Vec::new()), "lines of earlier versions still read");
+        assert_eq!(Entry::parse("v2 00 1 2 -"), None);
         assert_eq!(Entry::parse(&format!("v1 {} 1 2 extra", hex(&[0; 32]))), None);
+        assert_eq!(Entry::parse(&format!("v2 {} 1 2 0g", hex(&[0; 32]))), None);
     }
 
     #[test]

@@ -106,6 +106,10 @@ impl RemoteServer for Nginx {
         self.port
     }
 
+    fn stored(&self) -> usize {
+        crate::support::files_under(&self.data()).len()
+    }
+
     fn backend(&self) -> Backend {
         self.backend_at("/gocp", PASSWORD)
     }

@@ -118,6 +118,10 @@ impl RemoteServer for Redis {
         self.port
     }
 
+    fn stored(&self) -> usize {
+        cli(self.port, &["DBSIZE"]).parse().expect("DBSIZE answers a number")
+    }
+
     fn backend(&self) -> Backend {
         self.backend_with_env_password(PASSWORD)
     }

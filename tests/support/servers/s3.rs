@@ -72,6 +72,10 @@ impl RemoteServer for Versitygw {
         self.port
     }
 
+    fn stored(&self) -> usize {
+        objects_under(&self.bucket_dir()).len()
+    }
+
     fn backend(&self) -> Backend {
         self.backend_with(&[], SECRET_KEY)
     }

@@ -84,6 +84,10 @@ impl RemoteServer for WsgiDav {
         self.port
     }
 
+    fn stored(&self) -> usize {
+        crate::support::files_under(&self.data()).len()
+    }
+
     fn backend(&self) -> Backend {
         self.backend_at("/gocp", PASSWORD)
     }

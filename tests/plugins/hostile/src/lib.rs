@@ -29,6 +29,9 @@ enum Attack {
     Dns,
     /// Reads `GOCP_TEST_SECRET`.
     Env,
+    /// Records everything it can see: every variable, and every file (with
+    /// what is in it) of every directory it was given.
+    Observe,
     /// Spins in `read-entry` until stopped.
     Loop,
     /// Sleeps in `read-entry` (blocked in the host, beyond interruption).
@@ -68,6 +71,7 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("net", Attack::Net),
     ("dns", Attack::Dns),
     ("env", Attack::Env),
+    ("observe", Attack::Observe),
     ("loop", Attack::Loop),
     ("sleep", Attack::Sleep),
     ("alloc", Attack::Alloc),
@@ -174,6 +178,29 @@ fn dns() {
     }
 }
 
+fn observe() {
+    let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+    report("observe-env", Ok(vars.join(" ")));
+    let mut seen = Vec::new();
+    for (_, dir) in wasi::filesystem::preopens::get_directories() {
+        walk(std::path::Path::new(&dir), 3, &mut seen);
+    }
+    report("observe-files", Ok(seen.join(" ")));
+}
+
+/// Every file below `dir`, with what it holds, `depth` levels down at most.
+fn walk(dir: &std::path::Path, depth: u32, seen: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() && depth > 0 {
+            walk(&path, depth - 1, seen);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            seen.push(format!("{}={}", path.display(), String::from_utf8_lossy(&bytes[..bytes.len().min(4096)])));
+        }
+    }
+}
+
 fn sleep_forever() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -219,6 +246,7 @@ impl Backend for Hostile {
             }
             Attack::Dns => dns(),
             Attack::Env => env(),
+            Attack::Observe => observe(),
             Attack::OpenUnavailable => return Err(Error::Unavailable("the backend is down at open".into())),
             Attack::OpenPanic => panic!("the hostile plugin panics in open"),
             Attack::OpenLoop => loop {
@@ -252,14 +280,16 @@ impl Backend for Hostile {
                 eprintln!("hostile says hello on stderr");
                 Err(Error::NotFound)
             }
-            Attack::WrongBytes => Ok(Entry { output_id: [7; 32], size: 1000, put_time_ns: 1 }),
+            Attack::WrongBytes => Ok(Entry { output_id: [7; 32], size: 1000, put_time_ns: 1, host_data: Vec::new() }),
             Attack::Unavailable => Err(Error::Unavailable("the backend is down".into())),
             Attack::NoisyErrors => Err(Error::Unavailable(format!(
                 "\u{1b}]0;owned\u{7}\u{1b}[2J\ngocp: a forged line\r{}",
                 "x".repeat(8 << 20)
             ))),
-            Attack::StallBody => Ok(Entry { output_id: [8; 32], size: 1 << 20, put_time_ns: 1 }),
-            Attack::BigClaim => Ok(Entry { output_id: [9; 32], size: 400 << 20, put_time_ns: 1 }),
+            Attack::StallBody => Ok(Entry { output_id: [8; 32], size: 1 << 20, put_time_ns: 1, host_data: Vec::new() }),
+            Attack::BigClaim => {
+                Ok(Entry { output_id: [9; 32], size: 400 << 20, put_time_ns: 1, host_data: Vec::new() })
+            }
             _ => Err(Error::NotFound),
         }
     }
