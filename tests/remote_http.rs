@@ -13,7 +13,7 @@ use std::io::Read;
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use support::remote::{self, Backend, RemoteServer};
+use support::remote::{self, Backend, Machine, RemoteServer, gocp_lines};
 use support::servers::nginx::Nginx;
 use support::servers::wsgidav::WsgiDav;
 use support::*;
@@ -108,7 +108,7 @@ fn entries_and_bodies_land_under_the_url_path_and_bodies_are_uploaded_once() {
     assert_eq!(fs::read(data.join("cas").join(hexs(&output))).unwrap(), body, "the body is stored byte for byte");
     for action in [[1u8; 32], [2u8; 32]] {
         let line = fs::read_to_string(data.join("ac").join(hexs(&action))).unwrap();
-        assert!(line.starts_with(&format!("v1 {} 300000 ", hexs(&output))), "entry line: {line:?}");
+        assert!(line.starts_with(&format!("v2 {} 300000 ", hexs(&output))), "entry line: {line:?}");
     }
     let log = server.access_log();
     let cas_path = format!("/gocp/cas/{}", hexs(&output));
@@ -285,4 +285,34 @@ fn stalled_bodies_pause_the_plugin() {
 #[test]
 fn read_only_builds_write_nothing_and_read_what_trusted_builds_signed() {
     remote::read_only_and_signed(&Nginx::start());
+}
+
+/// A fork's job has no secrets: against a cache that serves reads to
+/// anyone, the http plugin without credentials, read-only and trusting the
+/// team's key, compiles nothing that a trusted build signed.
+#[test]
+fn a_build_without_credentials_reads_what_trusted_builds_signed() {
+    require_go();
+    let server = Nginx::start_public_reads();
+    let tmp = tempfile::tempdir().unwrap();
+    let (private, public) = remote::keygen(&tmp.path().join("keys"));
+    let trusted = Machine::new(&tmp.path().join("trusted"));
+    let src = tmp.path().join("src");
+    write_module(&src);
+    trusted.run(
+        &server.backend().with(&["--sign-key", private.to_str().unwrap()]),
+        &src,
+        &["build", "-trimpath", "./..."],
+    );
+    let stored = server.stored();
+
+    let fork = Machine::new(&tmp.path().join("fork"));
+    let fork_src = tmp.path().join("fork/src");
+    write_module(&fork_src);
+    let anonymous =
+        server.backend_without_credentials().with(&["--read-only", "--trust-key", public.to_str().unwrap()]);
+    let out = fork.run(&anonymous, &fork_src, &["build", "-x", "-trimpath", "./..."]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new());
+    assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new());
+    assert_eq!(server.stored(), stored);
 }

@@ -28,6 +28,18 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx on a free port and waits until it accepts connections.
     pub fn start() -> Nginx {
+        Nginx::start_with("")
+    }
+
+    /// The same, serving reads to anyone: only writes need the password,
+    /// as a cache that forks' jobs read without secrets is set up.
+    pub fn start_public_reads() -> Nginx {
+        Nginx::start_with("limit_except GET HEAD")
+    }
+
+    /// `auth_scope`: the directive whose block the password applies in
+    /// (empty: every request).
+    fn start_with(auth_scope: &str) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let root = dir.path();
@@ -36,6 +48,8 @@ impl Nginx {
         // nginx reads `{PLAIN}` passwords as they are: a test needs no hashing tool.
         fs::write(root.join("htpasswd"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
         let r = root.display();
+        let auth = format!("auth_basic \"gocp cache\"; auth_basic_user_file {r}/htpasswd;");
+        let auth = if auth_scope.is_empty() { auth } else { format!("{auth_scope} {{ {auth} }}") };
         // One process (master_process off): killing it stops the server whole,
         // and as root it needs no `user` to drop to.
         let conf = format!(
@@ -60,8 +74,7 @@ http {{
       dav_methods PUT;
       create_full_put_path on;
       dav_access user:rw group:r all:r;
-      auth_basic \"gocp cache\";
-      auth_basic_user_file {r}/htpasswd;
+      {auth}
     }}
   }}
 }}
@@ -93,6 +106,16 @@ http {{
     /// Requests nginx served so far, one line each (method, path, status...).
     pub fn access_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    /// The plugin's flags for reading without any credentials.
+    pub fn backend_without_credentials(&self) -> Backend {
+        let url = format!("url=http://127.0.0.1:{}/gocp", self.port);
+        let grant = format!("127.0.0.1:{}", self.port);
+        Backend {
+            args: ["--plugin", "http", "--config", &url, "--allow-net", &grant].map(String::from).to_vec(),
+            env: Vec::new(),
+        }
     }
 
     /// The plugin's flags for a namespace (`/gocp` in the scenarios) and a password.
