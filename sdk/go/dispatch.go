@@ -85,7 +85,7 @@ func callReadEntry(actionID []byte) (Entry, error) {
 	return exported.ReadEntry(id)
 }
 
-func callWriteEntry(actionID []byte, outputID []byte, size, putTimeNs uint64) error {
+func callWriteEntry(actionID []byte, outputID []byte, size, putTimeNs uint64, hostData []byte) error {
 	if err := ready(); err != nil {
 		return err
 	}
@@ -97,7 +97,14 @@ func callWriteEntry(actionID []byte, outputID []byte, size, putTimeNs uint64) er
 	if err != nil {
 		return err
 	}
-	return exported.WriteEntry(id, Entry{OutputID: out, Size: size, PutTimeNs: putTimeNs})
+	if len(hostData) > MaxHostData {
+		return Broken("%d bytes of host data, more than the contract's %d", len(hostData), MaxHostData)
+	}
+	if len(hostData) == 0 {
+		// An empty list may come with any address: a Backend sees nil.
+		hostData = nil
+	}
+	return exported.WriteEntry(id, Entry{OutputID: out, Size: size, PutTimeNs: putTimeNs, HostData: hostData})
 }
 
 func callReadBody(outputID []byte, size uint64, sink io.Writer) error {

@@ -73,12 +73,17 @@ func (witCalls) ReadEntry(actionID []uint8) witTypes.Result[types.Entry, types.E
 	if err != nil {
 		return witTypes.Err[types.Entry, types.Error](toWIT(err))
 	}
-	return witTypes.Ok[types.Entry, types.Error](types.Entry{OutputId: e.OutputID[:], Size: e.Size, PutTimeNs: e.PutTimeNs})
+	return witTypes.Ok[types.Entry, types.Error](types.Entry{
+		OutputId:  e.OutputID[:],
+		Size:      e.Size,
+		PutTimeNs: e.PutTimeNs,
+		HostData:  e.HostData,
+	})
 }
 
 func (witCalls) WriteEntry(actionID []uint8, entry types.Entry) export_gocp_cache_backend.Result {
 	defer collectIfGrown()
-	return unitResult(callWriteEntry(actionID, entry.OutputId, entry.Size, entry.PutTimeNs))
+	return unitResult(callWriteEntry(actionID, entry.OutputId, entry.Size, entry.PutTimeNs, entry.HostData))
 }
 
 // The generated glue hands over the host's stream as a borrowed handle and

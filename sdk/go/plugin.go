@@ -61,10 +61,12 @@ type Backend interface {
 	// values here and return an InvalidConfig error saying what to change.
 	Open(config *Config) (Capabilities, error)
 
-	// ReadEntry returns the entry stored for actionID, or ErrNotFound.
+	// ReadEntry returns the entry stored for actionID, or ErrNotFound. Its
+	// HostData must be the bytes WriteEntry was given, unchanged.
 	ReadEntry(actionID Digest) (Entry, error)
 
-	// WriteEntry stores (or replaces) the entry for actionID.
+	// WriteEntry stores (or replaces) the entry for actionID, HostData
+	// included.
 	WriteEntry(actionID Digest, entry Entry) error
 
 	// ReadBody writes the body of outputID (size bytes) to sink, or returns

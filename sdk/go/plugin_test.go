@@ -5,9 +5,11 @@
 package plugin
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -83,13 +85,40 @@ func TestConfigValueErrorsAreInvalidConfigAndNameTheKey(t *testing.T) {
 func TestEntryLinesRoundTrip(t *testing.T) {
 	e := Entry{OutputID: Digest{0xab, 1, 2}, Size: 1 << 40, PutTimeNs: 1_700_000_000_123_456_789}
 	line := e.Line()
-	if !strings.HasPrefix(line, "v1 ab0102") || !strings.HasSuffix(line, " 1099511627776 1700000000123456789\n") {
+	if !strings.HasPrefix(line, "v2 ab0102") || !strings.HasSuffix(line, " 1099511627776 1700000000123456789 -\n") {
 		t.Fatalf("Line() = %q", line)
 	}
-	if got, ok := ParseEntryLine(line); !ok || got != e {
+	if got, ok := ParseEntryLine(line); !ok || !reflect.DeepEqual(got, e) {
 		t.Fatalf("ParseEntryLine(%q) = %+v, %v", line, got, ok)
 	}
-	for _, bad := range []string{"", "v2 " + line[3:], strings.ToUpper(line), line[:40], line + "extra", "v1 " + line[3:67] + " x 1"} {
+	signed := e
+	signed.HostData = []byte{1, 0xfe, 7}
+	signedLine := signed.Line()
+	if !strings.HasSuffix(signedLine, " 1700000000123456789 01fe07\n") {
+		t.Fatalf("Line() = %q", signedLine)
+	}
+	if got, ok := ParseEntryLine(signedLine); !ok || !reflect.DeepEqual(got, signed) {
+		t.Fatalf("ParseEntryLine(%q) = %+v, %v", signedLine, got, ok)
+	}
+	largest := e
+	largest.HostData = make([]byte, MaxHostData)
+	if got, ok := ParseEntryLine(largest.Line()); !ok || len(got.HostData) != MaxHostData {
+		t.Fatalf("host data of %d bytes: %v", MaxHostData, ok)
+	}
+
+	v1 := "v1" + line[2:len(line)-3] + "\n"
+	if got, ok := ParseEntryLine(v1); !ok || !reflect.DeepEqual(got, e) {
+		t.Fatalf("lines of earlier versions still read: ParseEntryLine(%q) = %+v, %v", v1, got, ok)
+	}
+
+	tooMuch := e
+	tooMuch.HostData = make([]byte, MaxHostData+1)
+	fields := line[:len(line)-3]
+	for _, bad := range []string{
+		"", "v3" + line[2:], strings.ToUpper(line), strings.ToUpper(signedLine), line[:40], fields + " extra\n",
+		fields + "\n", fields + " \n", fields + " 0g\n", fields + " 012\n", v1[:len(v1)-1] + " -\n",
+		"v2 " + line[3:67] + " x 1 -", tooMuch.Line(),
+	} {
 		if _, ok := ParseEntryLine(bad); ok {
 			t.Errorf("ParseEntryLine(%q) accepted", bad)
 		}
@@ -132,6 +161,7 @@ type recorder struct {
 	opened   []string
 	openErr  error
 	actionID Digest
+	written  []Entry
 }
 
 func (r *recorder) Describe() Info {
@@ -149,7 +179,11 @@ func (r *recorder) ReadEntry(id Digest) (Entry, error) {
 	return Entry{}, ErrNotFound
 }
 
-func (r *recorder) WriteEntry(Digest, Entry) error            { return nil }
+func (r *recorder) WriteEntry(_ Digest, e Entry) error {
+	r.written = append(r.written, e)
+	return nil
+}
+
 func (r *recorder) ReadBody(Digest, uint64, io.Writer) error  { return nil }
 func (r *recorder) WriteBody(Digest, uint64, io.Reader) error { return nil }
 func (r *recorder) Finish() error                             { return nil }
@@ -200,7 +234,7 @@ func TestDigestsAreCheckedAndPassedOn(t *testing.T) {
 	if _, err := callReadEntry(id); !errors.Is(err, ErrNotFound) || r.actionID[31] != 7 {
 		t.Fatalf("read-entry: %v, %v", err, r.actionID)
 	}
-	if err := callWriteEntry(id, make([]byte, 31), 1, 2); err == nil || !strings.Contains(err.Error(), "output id of 31 bytes") {
+	if err := callWriteEntry(id, make([]byte, 31), 1, 2, nil); err == nil || !strings.Contains(err.Error(), "output id of 31 bytes") {
 		t.Fatalf("a short output id: %v", err)
 	}
 	if _, err := callReadEntry(nil); err == nil {
@@ -216,4 +250,32 @@ func TestExportTwicePanics(t *testing.T) {
 		}
 	}()
 	Export(&recorder{})
+}
+
+func TestHostDataIsPassedOnAndBounded(t *testing.T) {
+	r := &recorder{}
+	withBackend(t, r)
+	if _, err := callOpen(nil); err != nil {
+		t.Fatal(err)
+	}
+	id, out := make([]byte, 32), make([]byte, 32)
+	signature := []byte{9, 8, 7}
+	for _, hostData := range [][]byte{signature, make([]byte, MaxHostData), {}, nil} {
+		if err := callWriteEntry(id, out, 1, 2, hostData); err != nil {
+			t.Fatalf("%d bytes of host data: %v", len(hostData), err)
+		}
+	}
+	if len(r.written) != 4 || !bytes.Equal(r.written[0].HostData, signature) || len(r.written[1].HostData) != MaxHostData {
+		t.Fatalf("written: %+v", r.written)
+	}
+	if r.written[2].HostData != nil || r.written[3].HostData != nil {
+		t.Fatalf("no host data is nil: %#v, %#v", r.written[2].HostData, r.written[3].HostData)
+	}
+	err := callWriteEntry(id, out, 1, 2, make([]byte, MaxHostData+1))
+	if kind, text := kindOf(err); kind != KindBroken || !strings.Contains(text, "1025 bytes of host data") {
+		t.Fatalf("too much host data: %v %q", kind, text)
+	}
+	if len(r.written) != 4 {
+		t.Fatal("an entry with too much host data reached the Backend")
+	}
 }

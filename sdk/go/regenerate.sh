@@ -44,10 +44,11 @@ done
 mkdir -p "$here/internal/wit"
 cp -R "$tmp/gen/." "$here/internal/wit/"
 
-# Fix: the export glue allocates its shared return area with a size that is
-# not a multiple of its alignment (36 bytes at alignment 8 for this world),
-# which go.bytecodealliance.org/pkg refuses with a panic at instantiation:
-# round the size up.
+# Fix: the export glue allocates its shared return area with a size that need
+# not be a multiple of its alignment (36 bytes at alignment 8 for
+# gocp:cache@0.1.0's world; 0.2.0's 40 happens to be one), which
+# go.bytecodealliance.org/pkg refuses with a panic at instantiation: round the
+# size up.
 exports="$here/internal/wit/wit_exports/wit_exports.go"
 sed -i -E 's/^(var exportReturnArea = uintptr\(witRuntime\.Allocate\(&staticPinner, )(.+), ([0-9]+)\)\)$/\1((\2)+\3-1)\/\3*\3, \3))/' "$exports"
 grep -q '^var exportReturnArea = .*+[0-9]*-1)/[0-9]*\*[0-9]*, [0-9]*))$' "$exports" || {

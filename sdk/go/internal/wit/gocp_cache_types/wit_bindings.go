@@ -2,7 +2,7 @@
 //
 // This code was generated from the following packages:
 //     wasi:io@0.2.12
-//     gocp:cache@0.1.0
+//     gocp:cache@0.2.0
 
 package gocp_cache_types
 
@@ -21,6 +21,12 @@ type Entry struct {
 	// The go command uses it to expire cached test results, so keep the
 	// value that was given to `write-entry`, not the time of a later copy.
 	PutTimeNs uint64
+	// Bytes the host attaches to the entry: a signature over it when the
+	// user signs what builds write, else empty. Opaque to the plugin:
+	// store them with the entry and return them from `read-entry` exactly
+	// as `write-entry` gave them, or the host refuses the entry. At most
+	// 1 KiB.
+	HostData []uint8
 }
 
 const (

@@ -2,7 +2,7 @@
 //
 // This code was generated from the following packages:
 //     wasi:io@0.2.12
-//     gocp:cache@0.1.0
+//     gocp:cache@0.2.0
 
 package wasi_io_error
 

@@ -2,7 +2,7 @@
 //
 // This code was generated from the following packages:
 //     wasi:io@0.2.12
-//     gocp:cache@0.1.0
+//     gocp:cache@0.2.0
 
 package wit_exports
 
@@ -17,10 +17,10 @@ import (
 )
 
 var staticPinner = runtime.Pinner{}
-var exportReturnArea = uintptr(witRuntime.Allocate(&staticPinner, ((9*4)+8-1)/8*8, 8))
+var exportReturnArea = uintptr(witRuntime.Allocate(&staticPinner, ((8+8*4)+8-1)/8*8, 8))
 var syncExportPinner = runtime.Pinner{}
 
-//go:wasmexport gocp:cache/backend@0.1.0#describe
+//go:wasmexport gocp:cache/backend@0.2.0#describe
 func wasm_export_gocp_cache_backend_describe() uintptr {
 
 	pinner := &syncExportPinner
@@ -60,12 +60,12 @@ func wasm_export_gocp_cache_backend_describe() uintptr {
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#describe
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#describe
 func wasm_export_post_return_gocp_cache_backend_describe(result uintptr) {
 	syncExportPinner.Unpin()
 }
 
-//go:wasmexport gocp:cache/backend@0.1.0#open
+//go:wasmexport gocp:cache/backend@0.2.0#open
 func wasm_export_gocp_cache_backend_open(arg0 uintptr, arg1 uint32) uintptr {
 
 	pinner := &syncExportPinner
@@ -137,12 +137,12 @@ func wasm_export_gocp_cache_backend_open(arg0 uintptr, arg1 uint32) uintptr {
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#open
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#open
 func wasm_export_post_return_gocp_cache_backend_open(result uintptr) {
 	syncExportPinner.Unpin()
 }
 
-//go:wasmexport gocp:cache/backend@0.1.0#read-entry
+//go:wasmexport gocp:cache/backend@0.2.0#read-entry
 func wasm_export_gocp_cache_backend_read_entry(arg0 uintptr, arg1 uint32) uintptr {
 
 	pinner := &syncExportPinner
@@ -160,6 +160,10 @@ func wasm_export_gocp_cache_backend_read_entry(arg0 uintptr, arg1 uint32) uintpt
 		*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), 8)) = uint32(uintptr(uintptr(data)))
 		*(*int64)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 2*4))) = int64((payload).Size)
 		*(*int64)(unsafe.Add(unsafe.Pointer(exportReturnArea), (16 + 2*4))) = int64((payload).PutTimeNs)
+		data0 := unsafe.Pointer(unsafe.SliceData((payload).HostData))
+		pinner.Pin(data0)
+		*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (24 + 3*4))) = uint32(uint32(len((payload).HostData)))
+		*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (24 + 2*4))) = uint32(uintptr(uintptr(data0)))
 
 	case witTypes.ResultErr:
 		payload := result.Err()
@@ -181,18 +185,18 @@ func wasm_export_gocp_cache_backend_read_entry(arg0 uintptr, arg1 uint32) uintpt
 		case gocp_cache_types.ErrorBroken:
 			payload := payload.Broken()
 			*(*int8)(unsafe.Add(unsafe.Pointer(exportReturnArea), 8)) = int8(int32(2))
-			utf80 := unsafe.Pointer(unsafe.StringData(payload))
-			pinner.Pin(utf80)
-			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 2*4))) = uint32(uint32(len(payload)))
-			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 1*4))) = uint32(uintptr(uintptr(utf80)))
-
-		case gocp_cache_types.ErrorInvalidConfig:
-			payload := payload.InvalidConfig()
-			*(*int8)(unsafe.Add(unsafe.Pointer(exportReturnArea), 8)) = int8(int32(3))
 			utf81 := unsafe.Pointer(unsafe.StringData(payload))
 			pinner.Pin(utf81)
 			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 2*4))) = uint32(uint32(len(payload)))
 			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 1*4))) = uint32(uintptr(uintptr(utf81)))
+
+		case gocp_cache_types.ErrorInvalidConfig:
+			payload := payload.InvalidConfig()
+			*(*int8)(unsafe.Add(unsafe.Pointer(exportReturnArea), 8)) = int8(int32(3))
+			utf82 := unsafe.Pointer(unsafe.StringData(payload))
+			pinner.Pin(utf82)
+			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 2*4))) = uint32(uint32(len(payload)))
+			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (8 + 1*4))) = uint32(uintptr(uintptr(utf82)))
 
 		default:
 			panic("unreachable")
@@ -205,12 +209,12 @@ func wasm_export_gocp_cache_backend_read_entry(arg0 uintptr, arg1 uint32) uintpt
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#read-entry
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#read-entry
 func wasm_export_post_return_gocp_cache_backend_read_entry(result uintptr) {
 	syncExportPinner.Unpin()
 }
 
-//go:wasmexport gocp:cache/backend@0.1.0#read-body
+//go:wasmexport gocp:cache/backend@0.2.0#read-body
 func wasm_export_gocp_cache_backend_read_body(arg0 uintptr, arg1 uint32, arg2 int64, arg3 int32) uintptr {
 
 	pinner := &syncExportPinner
@@ -267,12 +271,12 @@ func wasm_export_gocp_cache_backend_read_body(arg0 uintptr, arg1 uint32, arg2 in
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#read-body
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#read-body
 func wasm_export_post_return_gocp_cache_backend_read_body(result uintptr) {
 	syncExportPinner.Unpin()
 }
 
-//go:wasmexport gocp:cache/backend@0.1.0#write-body
+//go:wasmexport gocp:cache/backend@0.2.0#write-body
 func wasm_export_gocp_cache_backend_write_body(arg0 uintptr, arg1 uint32, arg2 int64, arg3 int32) uintptr {
 
 	pinner := &syncExportPinner
@@ -329,19 +333,20 @@ func wasm_export_gocp_cache_backend_write_body(arg0 uintptr, arg1 uint32, arg2 i
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#write-body
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#write-body
 func wasm_export_post_return_gocp_cache_backend_write_body(result uintptr) {
 	syncExportPinner.Unpin()
 }
 
-//go:wasmexport gocp:cache/backend@0.1.0#write-entry
-func wasm_export_gocp_cache_backend_write_entry(arg0 uintptr, arg1 uint32, arg2 uintptr, arg3 uint32, arg4 int64, arg5 int64) uintptr {
+//go:wasmexport gocp:cache/backend@0.2.0#write-entry
+func wasm_export_gocp_cache_backend_write_entry(arg0 uintptr, arg1 uint32, arg2 uintptr, arg3 uint32, arg4 int64, arg5 int64, arg6 uintptr, arg7 uint32) uintptr {
 
 	pinner := &syncExportPinner
 	value := unsafe.Slice((*uint8)(unsafe.Pointer(arg0)), arg1)
 	value0 := unsafe.Slice((*uint8)(unsafe.Pointer(arg2)), arg3)
+	value1 := unsafe.Slice((*uint8)(unsafe.Pointer(arg6)), arg7)
 	witRuntime.Unpin()
-	result := export_gocp_cache_backend.WriteEntry(value, gocp_cache_types.Entry{OutputId: value0, Size: uint64(arg4), PutTimeNs: uint64(arg5)})
+	result := export_gocp_cache_backend.WriteEntry(value, gocp_cache_types.Entry{OutputId: value0, Size: uint64(arg4), PutTimeNs: uint64(arg5), HostData: value1})
 
 	switch result.Tag() {
 	case witTypes.ResultOk:
@@ -368,18 +373,18 @@ func wasm_export_gocp_cache_backend_write_entry(arg0 uintptr, arg1 uint32, arg2 
 		case gocp_cache_types.ErrorBroken:
 			payload := payload.Broken()
 			*(*int8)(unsafe.Add(unsafe.Pointer(exportReturnArea), 4)) = int8(int32(2))
-			utf81 := unsafe.Pointer(unsafe.StringData(payload))
-			pinner.Pin(utf81)
-			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (3 * 4))) = uint32(uint32(len(payload)))
-			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (2 * 4))) = uint32(uintptr(uintptr(utf81)))
-
-		case gocp_cache_types.ErrorInvalidConfig:
-			payload := payload.InvalidConfig()
-			*(*int8)(unsafe.Add(unsafe.Pointer(exportReturnArea), 4)) = int8(int32(3))
 			utf82 := unsafe.Pointer(unsafe.StringData(payload))
 			pinner.Pin(utf82)
 			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (3 * 4))) = uint32(uint32(len(payload)))
 			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (2 * 4))) = uint32(uintptr(uintptr(utf82)))
+
+		case gocp_cache_types.ErrorInvalidConfig:
+			payload := payload.InvalidConfig()
+			*(*int8)(unsafe.Add(unsafe.Pointer(exportReturnArea), 4)) = int8(int32(3))
+			utf83 := unsafe.Pointer(unsafe.StringData(payload))
+			pinner.Pin(utf83)
+			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (3 * 4))) = uint32(uint32(len(payload)))
+			*(*uint32)(unsafe.Add(unsafe.Pointer(exportReturnArea), (2 * 4))) = uint32(uintptr(uintptr(utf83)))
 
 		default:
 			panic("unreachable")
@@ -392,12 +397,12 @@ func wasm_export_gocp_cache_backend_write_entry(arg0 uintptr, arg1 uint32, arg2 
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#write-entry
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#write-entry
 func wasm_export_post_return_gocp_cache_backend_write_entry(result uintptr) {
 	syncExportPinner.Unpin()
 }
 
-//go:wasmexport gocp:cache/backend@0.1.0#finish
+//go:wasmexport gocp:cache/backend@0.2.0#finish
 func wasm_export_gocp_cache_backend_finish() uintptr {
 
 	pinner := &syncExportPinner
@@ -452,7 +457,7 @@ func wasm_export_gocp_cache_backend_finish() uintptr {
 
 }
 
-//go:wasmexport cabi_post_gocp:cache/backend@0.1.0#finish
+//go:wasmexport cabi_post_gocp:cache/backend@0.2.0#finish
 func wasm_export_post_return_gocp_cache_backend_finish(result uintptr) {
 	syncExportPinner.Unpin()
 }
