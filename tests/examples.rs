@@ -93,6 +93,7 @@ fn example_end_to_end(name: &str, toolchain: &str) {
     let checked = run_bounded(check, GO_TIMEOUT);
     assert!(checked.success, "plugin-test of {name}:\n{}{}", checked.stdout, checked.stderr);
     assert!(checked.stdout.contains(" 0 failed"), "{}", checked.stdout);
+    assert_current_contract(&checked.stdout);
     eprintln!("examples/{name}: plugin-test passed in {:.1} s", checked.elapsed.as_secs_f64());
 
     let module = tmp.path().join("module");
@@ -195,7 +196,17 @@ fn copy_made_by_new_plugin_builds_and_passes_plugin_test(language: &str, toolcha
     assert!(checked.success, "{}{}", checked.stdout, checked.stderr);
     assert!(checked.stdout.contains("conformance of blob-store 0.1.0"), "renamed: {}", checked.stdout);
     assert!(checked.stdout.contains(" 0 failed"), "{}", checked.stdout);
+    assert_current_contract(&checked.stdout);
     copy
+}
+
+/// A plugin of the previous contract passes plugin-test as well (it has no
+/// host data to keep), so what plugin-test says it was built for is checked.
+fn assert_current_contract(plugin_test_stdout: &str) {
+    assert!(
+        plugin_test_stdout.contains("(gocp:cache@0.2.0)"),
+        "built for the current contract, gocp:cache@0.2.0: {plugin_test_stdout}"
+    );
 }
 
 #[test]

@@ -2,8 +2,10 @@
 // directory.
 //
 // Layout under its root (/state unless `path` says otherwise):
-//   - entries/<2 hex>/<64 hex action id>: one line, "v1 <output hex> <size> <put time ns>"
-//     (the format of the shipped Rust plugins, so a directory can change hands).
+//   - entries/<2 hex>/<64 hex action id>: one line, plugin.Entry's Line,
+//     "v2 <output hex> <size> <put time ns> <host data hex, or - when empty>"
+//     (the format of the shipped Rust plugins, so a directory can change
+//     hands; "v1" lines, without host data, are still read).
 //   - bodies/<2 hex>/<64 hex output id>: the body.
 //
 // Every file appears by renaming a complete temporary file in the same

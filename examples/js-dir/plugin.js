@@ -2,8 +2,10 @@
 // directory.
 //
 // Layout under its root (`/state` unless `path` says otherwise):
-// - `entries/<2 hex>/<64 hex action id>`: one line, `v1 <output hex> <size> <put time ns>`
-//   (the format of the shipped Rust plugins, so a directory can change hands).
+// - `entries/<2 hex>/<64 hex action id>`: one line,
+//   `v2 <output hex> <size> <put time ns> <host data hex, or - when empty>`
+//   (the format of the shipped Rust plugins, so a directory can change hands;
+//   `v1` lines, without host data, are still read).
 // - `bodies/<2 hex>/<64 hex output id>`: the body.
 //
 // Every file appears by renaming a complete temporary file in the same
@@ -26,6 +28,10 @@ const VERSION = '0.1.0';
 const STATE_DIR = '/state';
 // Large enough that an 8 MiB body takes a handful of calls.
 const CHUNK = 1n << 20n;
+// The contract's bound on an entry's host data, and more than the longest
+// entry line that allows.
+const MAX_HOST_DATA = 1024;
+const MAX_ENTRY_LINE = 4096n;
 const dispose = Symbol.dispose || Symbol.for('dispose');
 
 // Set by `open`: the preopened directory holding the root, and the root's path
@@ -50,11 +56,38 @@ function hex(bytes) {
   return s;
 }
 
+// The bytes of lower-case hex digits, or null for anything else.
 function fromHex(s) {
-  if (!/^[0-9a-f]{64}$/.test(s)) return null;
-  const out = new Uint8Array(32);
-  for (let i = 0; i < 32; i++) out[i] = parseInt(s.slice(2 * i, 2 * i + 2), 16);
+  if (!/^([0-9a-f]{2})*$/.test(s)) return null;
+  const out = new Uint8Array(s.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(s.slice(2 * i, 2 * i + 2), 16);
   return out;
+}
+
+function entryLine(entry) {
+  const hostData = entry.hostData.length ? hex(entry.hostData) : '-';
+  return `v2 ${hex(entry.outputId)} ${entry.size} ${entry.putTimeNs} ${hostData}\n`;
+}
+
+// The last field of a v2 line: '-', or the hex of at most MAX_HOST_DATA bytes.
+function parseHostData(field) {
+  if (field === '-') return new Uint8Array(0);
+  const bytes = field ? fromHex(field) : null;
+  return bytes && bytes.length <= MAX_HOST_DATA ? bytes : null;
+}
+
+// The entry a line holds, or null if it is not one.
+function parseEntry(text) {
+  const fields = text.trim().split(' ');
+  const hostData =
+    fields.length === 4 && fields[0] === 'v1'
+      ? new Uint8Array(0)
+      : fields.length === 5 && fields[0] === 'v2'
+        ? parseHostData(fields[4])
+        : null;
+  const outputId = hostData && fields[1].length === 64 ? fromHex(fields[1]) : null;
+  if (!outputId || !/^\d+$/.test(fields[2]) || !/^\d+$/.test(fields[3])) return null;
+  return { outputId, size: BigInt(fields[2]), putTimeNs: BigInt(fields[3]), hostData };
 }
 
 const entryPath = (actionId) => {
@@ -185,21 +218,23 @@ export const backend = {
     const path = entryPath(actionId);
     let text;
     try {
-      text = using(dir.openAt({}, path, {}, { read: true }), (f) => new TextDecoder().decode(f.read(256n, 0n)[0]));
+      text = using(dir.openAt({}, path, {}, { read: true }), (f) =>
+        new TextDecoder().decode(f.read(MAX_ENTRY_LINE, 0n)[0]),
+      );
     } catch (e) {
       if (payload(e) === 'no-entry') throw notFound();
       throw broken(`reading ${path}: ${describeError(e)}`);
     }
-    const fields = text.trim().split(' ');
-    const outputId = fields.length === 4 && fields[0] === 'v1' ? fromHex(fields[1]) : null;
-    if (!outputId || !/^\d+$/.test(fields[2]) || !/^\d+$/.test(fields[3])) {
-      throw broken(`${path}: not an entry line (remove the file to forget it)`);
-    }
-    return { outputId, size: BigInt(fields[2]), putTimeNs: BigInt(fields[3]) };
+    const entry = parseEntry(text);
+    if (!entry) throw broken(`${path}: not an entry line (remove the file to forget it)`);
+    return entry;
   },
 
   writeEntry(actionId, entry) {
-    const line = new TextEncoder().encode(`v1 ${hex(entry.outputId)} ${entry.size} ${entry.putTimeNs}\n`);
+    if (entry.hostData.length > MAX_HOST_DATA) {
+      throw broken(`${entry.hostData.length} bytes of host data, more than the contract's ${MAX_HOST_DATA}`);
+    }
+    const line = new TextEncoder().encode(entryLine(entry));
     writeAtomically(entryPath(actionId), (f) => {
       let written = 0n;
       while (written < BigInt(line.length)) written += f.write(line.subarray(Number(written)), written);

@@ -1,8 +1,10 @@
 """python-dir: a gocp cache backend in Python, keeping entries and bodies in a directory.
 
 Layout under its root (`/state` unless `path` says otherwise):
-- `entries/<2 hex>/<64 hex action id>`: one line, `v1 <output hex> <size> <put time ns>`
-  (the format of the shipped Rust plugins, so a directory can change hands).
+- `entries/<2 hex>/<64 hex action id>`: one line,
+  `v2 <output hex> <size> <put time ns> <host data hex, or - when empty>`
+  (the format of the shipped Rust plugins, so a directory can change hands;
+  `v1` lines, without host data, are still read).
 - `bodies/<2 hex>/<64 hex output id>`: the body.
 
 Every file appears by renaming a complete temporary file in the same
@@ -30,6 +32,10 @@ STATE_DIR = "/state"
 # Large enough that an 8 MiB body takes a handful of calls, small enough to
 # keep the interpreter's memory flat.
 CHUNK = 1 << 20
+# The contract's bound on an entry's host data, and more than the longest
+# entry line that allows.
+MAX_HOST_DATA = 1024
+MAX_ENTRY_LINE = 4096
 
 # Set by `open`; every instance has its own copy of the module.
 _root = None
@@ -72,12 +78,33 @@ def _temp_for(final):
     return os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
 
 
+def _entry_line(entry):
+    host_data = entry.host_data.hex() if entry.host_data else "-"
+    return f"v2 {entry.output_id.hex()} {entry.size} {entry.put_time_ns} {host_data}\n"
+
+
 def _parse_entry(text):
     fields = text.split()
-    if len(fields) != 4 or fields[0] != "v1" or len(fields[1]) != 64:
+    if len(fields) == 4 and fields[0] == "v1":
+        host_data = b""
+    elif len(fields) == 5 and fields[0] == "v2":
+        try:
+            host_data = b"" if fields[4] == "-" else bytes.fromhex(fields[4])
+        except ValueError:
+            return None
+        if len(host_data) > MAX_HOST_DATA:
+            return None
+    else:
+        return None
+    if len(fields[1]) != 64:
         return None
     try:
-        return types.Entry(bytes.fromhex(fields[1]), int(fields[2]), int(fields[3]))
+        return types.Entry(
+            output_id=bytes.fromhex(fields[1]),
+            size=int(fields[2]),
+            put_time_ns=int(fields[3]),
+            host_data=host_data,
+        )
     except ValueError:
         return None
 
@@ -140,7 +167,7 @@ class Backend(exports.Backend):
             # modules imported at build time, and text mode would look up a
             # codec at run time.
             with open(path, "rb") as f:
-                text = f.read(256).decode()
+                text = f.read(MAX_ENTRY_LINE).decode()
         except FileNotFoundError:
             raise Err(types.Error_NotFound())
         except (OSError, UnicodeDecodeError) as e:
@@ -151,9 +178,12 @@ class Backend(exports.Backend):
         return entry
 
     def write_entry(self, action_id, entry):
+        if len(entry.host_data) > MAX_HOST_DATA:
+            too_much = f"{len(entry.host_data)} bytes of host data, more than the contract's {MAX_HOST_DATA}"
+            raise Err(types.Error_Broken(too_much))
         final = _entry_path(action_id)
         tmp = _temp_for(final)
-        line = f"v1 {entry.output_id.hex()} {entry.size} {entry.put_time_ns}\n"
+        line = _entry_line(entry)
         try:
             with open(tmp, "xb") as f:
                 f.write(line.encode())
