@@ -37,7 +37,9 @@ pub enum Body<'a> {
     Empty,
     /// A small body the plugin built itself (an entry line).
     Bytes(&'a [u8]),
-    /// A body the host hands over, `size` bytes, copied as it is read.
+    /// The next `size` bytes of a body the host hands over, copied as they
+    /// are read; what follows is left in the stream for the next request
+    /// (a chunk of a larger upload).
     Stream {
         from: &'a HostInput,
         size: u64,
@@ -54,6 +56,8 @@ pub struct Client {
 pub struct Response {
     pub status: u16,
     pub content_length: Option<u64>,
+    /// The response's header fields, names in lower case.
+    headers: Vec<(String, Vec<u8>)>,
     // Fields drop in declaration order: a stream before its body, a body
     // before its response, the response before the future that produced it.
     stream: InputStream,
@@ -81,12 +85,27 @@ impl Client {
     /// names the request in every error ("s3 at 127.0.0.1:7070: PUT b/key"):
     /// it must say which server, since the host shows the message alone.
     pub fn send(&self, method: Method, url: &Url, body: Body<'_>, what: &str) -> Result<Response, Error> {
+        self.send_with(method, url, &[], body, what)
+    }
+
+    /// [`Client::send`] with `headers` added to this request alone: what
+    /// differs per request (a signature over its date, a range, a token
+    /// that is renewed).
+    pub fn send_with(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: Body<'_>,
+        what: &str,
+    ) -> Result<Response, Error> {
         let length = match &body {
             Body::Empty => None,
             Body::Bytes(b) => Some(b.len() as u64),
             Body::Stream { size, .. } => Some(*size),
         };
         let mut list = self.headers.clone();
+        list.extend(headers.iter().map(|(name, value)| (name.to_string(), value.clone().into_bytes())));
         // wasmtime refuses a body longer or shorter than the declared length,
         // so a short read from the host cannot store a truncated object.
         if let Some(n) = length {
@@ -163,16 +182,18 @@ impl Client {
             }
         };
         let status = response.status();
-        let content_length = response
-            .headers()
-            .get("content-length")
-            .first()
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+        let headers: Vec<(String, Vec<u8>)> =
+            response.headers().entries().into_iter().map(|(name, value)| (name.to_ascii_lowercase(), value)).collect();
+        let content_length = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok());
         let body = response.consume().map_err(|()| Error::Broken(format!("{what}: response body taken twice")))?;
         let stream = body.stream().map_err(|()| Error::Broken(format!("{what}: response stream taken twice")))?;
         Ok(Response {
             status,
             content_length,
+            headers,
             stream,
             _body: body,
             _response: response,
@@ -190,23 +211,37 @@ impl Client {
         match body {
             Body::Empty => Ok(()),
             Body::Bytes(bytes) => write_bounded(&sink, bytes, url, self.timeout),
-            Body::Stream { from, .. } => loop {
-                match from.blocking_read(CHUNK) {
-                    Ok(chunk) => write_bounded(&sink, &chunk, url, self.timeout)?,
-                    Err(HostStreamError::Closed) => return Ok(()),
-                    Err(HostStreamError::LastOperationFailed(e)) => {
-                        return Err(UploadFailure::Local(format!(
-                            "reading the body from gocp failed: {}",
-                            e.to_debug_string()
-                        )));
+            Body::Stream { from, size } => {
+                let mut left = size;
+                while left > 0 {
+                    match from.blocking_read(left.min(CHUNK)) {
+                        Ok(chunk) => {
+                            write_bounded(&sink, &chunk, url, self.timeout)?;
+                            left -= chunk.len() as u64;
+                        }
+                        // A body shorter than declared: wasmtime refuses to
+                        // finish it, so no server stores a truncated object.
+                        Err(HostStreamError::Closed) => return Ok(()),
+                        Err(HostStreamError::LastOperationFailed(e)) => {
+                            return Err(UploadFailure::Local(format!(
+                                "reading the body from gocp failed: {}",
+                                e.to_debug_string()
+                            )));
+                        }
                     }
                 }
-            },
+                Ok(())
+            }
         }
     }
 }
 
 impl Response {
+    /// The value of the header `name` (lower case), if it came and is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
     /// Copies the body into the host's `sink` and returns its length. Once
     /// more than `limit` bytes came it stops, without writing the excess: the
     /// caller compares the count with the length it expected.
