@@ -2,6 +2,7 @@
 //! 127.0.0.1 on a free port in a temporary directory, and killed when dropped.
 //! The binaries come from `.ci/tools/*.sh` (found with `support::tool`).
 pub mod azurite;
+pub mod bazel_remote;
 pub mod fake_gcs;
 pub mod nginx;
 pub mod redis;
