@@ -4,8 +4,19 @@
 //! Builds alternate between the two caches (A B A B ...) so that a noisy
 //! neighbour hurts both alike, and every figure is a median. Nothing here
 //! fails on a timing: it reports.
+//!
+//! The remote part also runs every remote helper over an emulated network
+//! link (`link.rs`, with `toxiproxy.rs`, `servers.rs`, `helpers.rs`,
+//! `peers.rs`), inside a network namespace of its own (`netns.rs`).
 
+mod bounded;
+mod helpers;
+mod link;
+mod netns;
+mod peers;
 mod remote;
+mod servers;
+mod toxiproxy;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -42,6 +53,32 @@ struct Args {
     /// Measure only these parts (repeatable); all of them by default.
     #[arg(long, value_enum)]
     only: Vec<Part>,
+    /// The remote part's emulated links: lan (1 ms each way, 2 ms round
+    /// trip), wan (10 ms each way, 20 ms round trip, 25 MB/s each way on
+    /// every connection) or both.
+    #[arg(long, value_enum, default_value = "wan")]
+    link: LinkChoice,
+    /// The remote part's rows over the link (repeatable); all by default.
+    #[arg(long, value_enum)]
+    helper: Vec<helpers::Helper>,
+    /// Where the other helpers' sources are, with their build.sh
+    /// [default: ../shared/peers beside this repository].
+    #[arg(long)]
+    peers: Option<PathBuf>,
+    /// Leave the other helpers out of the remote part (nor build them).
+    #[arg(long)]
+    no_peers: bool,
+    /// Run outside a network namespace of the benchmark's own: bytes on the
+    /// wire are then unknown.
+    #[arg(long)]
+    no_netns: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LinkChoice {
+    Lan,
+    Wan,
+    Both,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -542,6 +579,32 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let host = std::path::absolute(&args.host)?;
     ensure!(host.exists(), "{} not found: build it with `cargo build --release`", host.display());
+    let wanted = |p: Part| args.only.is_empty() || args.only.contains(&p);
+    if wanted(Part::Remote) {
+        // Said now rather than after the parts before it have run.
+        servers::tool("toxiproxy-server", "toxiproxy")?;
+    }
+
+    // The remote part's peers are built first (that needs the Go module
+    // proxy), then the whole benchmark runs again inside a network namespace
+    // of its own, where only its traffic crosses the loopback.
+    let peer_source =
+        args.peers.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers"));
+    let peer_source = fs::canonicalize(&peer_source).unwrap_or(peer_source);
+    let peers = if !wanted(Part::Remote) {
+        peers::Peers::none("the remote part is not measured")
+    } else if args.no_peers {
+        peers::Peers::none("--no-peers")
+    } else {
+        peers::Peers::prepare(&peer_source, !netns::inside())
+    };
+    if wanted(Part::Remote) && !netns::inside() && !args.no_netns {
+        let why = netns::reexec();
+        eprintln!("no network namespace for the remote part ({why}): bytes on the wire will be unknown");
+    }
+    if netns::inside() {
+        netns::setup().context("setting up the benchmark's network namespace")?;
+    }
     let tmp;
     let work = match &args.work {
         Some(w) => {
@@ -562,6 +625,7 @@ fn main() -> Result<()> {
     let std_pkgs: &[&str] = if bench.quick { &["fmt", "encoding/json"] } else { &["std"] };
     let module: &[&str] = if bench.quick { &["cmd/internal/obj/..."] } else { &["cmd/compile/internal/..."] };
     let mut rows = Vec::new();
+    let mut link_tables = String::new();
     let ratio_row = |figure: &str, (g, b): (f64, f64), bar: f64, goal: f64| Row {
         figure: figure.to_string(),
         gocp: format!("{g:.3} s"),
@@ -577,8 +641,6 @@ fn main() -> Result<()> {
         value: a / b,
         bar: Bar::None,
     };
-
-    let wanted = |p: Part| args.only.is_empty() || args.only.contains(&p);
 
     if wanted(Part::Warm) {
         eprintln!("warm builds ({runs} alternating runs each)...");
@@ -681,6 +743,27 @@ fn main() -> Result<()> {
             value: r.cold_uploading,
             bar: Bar::None,
         });
+
+        let links = match args.link {
+            LinkChoice::Lan => vec![toxiproxy::LAN],
+            LinkChoice::Wan => vec![toxiproxy::WAN],
+            LinkChoice::Both => vec![toxiproxy::LAN, toxiproxy::WAN],
+        };
+        // Each round holds a cold and a warm build of every row.
+        let rounds = runs.min(cold_runs).max(1);
+        let plan = link::Plan {
+            host: &host,
+            work: &work,
+            pkgs: std_pkgs,
+            rounds,
+            links,
+            helpers: if args.helper.is_empty() { helpers::ALL.to_vec() } else { args.helper.clone() },
+            peers: &peers,
+            build_limit: Duration::from_secs(if args.quick { 300 } else { 1200 }),
+        };
+        let mut report = link::run(&plan)?;
+        rows.append(&mut report.rows);
+        link_tables = report.tables;
     }
 
     let mut table = String::new();
@@ -703,6 +786,7 @@ fn main() -> Result<()> {
             r.verdict()
         )?;
     }
+    table.push_str(&link_tables);
     if args.quick {
         writeln!(table, "\n(--quick: a check that the benchmark runs, not figures to quote)")?;
     }
