@@ -21,7 +21,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
-use support::remote::{Machine, RemoteServer};
+use support::remote::{Machine, RemoteServer, gocp_lines};
 use support::servers::redis::Redis;
 use support::*;
 
@@ -833,6 +833,7 @@ fn large_module_cold_on_one_machine_warm_on_another_through_redis() {
         let started = Instant::now();
         let out = cmd.output_within(LARGE_BUILD_LIMIT);
         assert!(out.status.success(), "{what} failed:\n{}", text(&out.stderr));
+        assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new(), "{what}: gocp stays quiet");
         (rebuild_steps(&text(&out.stderr)), started.elapsed())
     };
     let no_trouble = |stats: &Value, machine: &str| {
