@@ -88,7 +88,9 @@ fn hexs(d: &[u8]) -> String {
 #[test]
 fn entries_and_bodies_land_under_the_url_path_and_bodies_are_uploaded_once() {
     let server = Nginx::start();
-    let backend = server.backend();
+    // The plugin's own layout, with bodies as the go command wrote them
+    // (compressed ones are kept under the hash of what is sent: see below).
+    let backend = server.backend().with(&["--compress", "none"]);
     let tmp = tempfile::tempdir().unwrap();
     let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let output = sha256(&body);
@@ -118,7 +120,7 @@ fn entries_and_bodies_land_under_the_url_path_and_bodies_are_uploaded_once() {
     assert!(heads >= 2, "each machine asked before uploading:\n{log}");
 
     // Another URL path is another namespace: nothing of /gocp shows there.
-    let other = server.backend_at("/another-team", "correct-horse");
+    let other = server.backend_at("/another-team", "correct-horse").with(&["--compress", "none"]);
     let miss = session(&other, &tmp.path().join("c"), &[], |s| {
         s.send_get(1, &[1; 32]);
         s.recv()
@@ -315,4 +317,161 @@ fn a_build_without_credentials_reads_what_trusted_builds_signed() {
     assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new());
     assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new());
     assert_eq!(server.stored(), stored);
+}
+
+/// Connections nginx served `lines` on, as its `conn=N` field says.
+fn connections(lines: &[&str]) -> std::collections::HashSet<String> {
+    lines.iter().filter_map(|l| l.rsplit_once(" conn=").map(|(_, c)| c.to_string())).collect()
+}
+
+fn is_zstd(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+}
+
+#[test]
+fn requests_share_connections_and_bodies_travel_compressed_and_come_back_whole() {
+    let server = Nginx::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_module(&src);
+
+    // A builds and tests: every output goes up, compressed (the default for a
+    // plugin that reaches the network).
+    let a = Machine::new(&tmp.path().join("a"));
+    a.run(&backend, &src, &["build", "-trimpath", "./..."]);
+    let stats = a.stats();
+    let log = server.access_log();
+    let lines: Vec<&str> = log.lines().collect();
+    let conns = connections(&lines);
+    assert!(lines.len() >= 20, "{log}");
+    assert!(conns.len() * 4 <= lines.len(), "{} connections for {} requests:\n{log}", conns.len(), lines.len());
+    assert_eq!(stats["http_requests"], json!(lines.len()), "gocp counts what the server saw: {stats}");
+    assert_eq!(stats["http_connections"], json!(conns.len()), "{stats}");
+    let (up, raw) = (stats["remote_bytes_up"].as_u64().unwrap(), stats["put_bytes"].as_u64().unwrap());
+    assert!(up > 0 && up * 2 < raw, "Go outputs compress: {up} bytes sent for {raw}: {stats}");
+    let cas = files_under(&server.data().join("gocp/cas"));
+    let compressed = cas.iter().filter(|p| is_zstd(&fs::read(p).unwrap())).count();
+    assert!(compressed > 0, "{cas:?}");
+    for path in &cas {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, hexs(&sha256(&fs::read(path).unwrap())), "a CAS keeps each blob under its own hash");
+    }
+
+    // B, with an empty local store, builds from it, logging every request.
+    let b = Machine::new(&tmp.path().join("b"));
+    let requests = tmp.path().join("requests.jsonl");
+    let logging = backend.with(&["--log-requests", requests.to_str().unwrap()]);
+    let out = b.run(&logging, &src, &["build", "-x", "-trimpath", "./..."]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "B compiled nothing");
+    let stats = b.stats();
+    assert_eq!(stats["rejected_bodies"], json!(0), "{stats}");
+    let down = stats["remote_bytes_down"].as_u64().unwrap();
+    assert!(down > 0 && down * 2 < stats["hit_bytes"].as_u64().unwrap(), "{stats}");
+    let logged: Vec<Value> =
+        fs::read_to_string(&requests).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let gets: Vec<&Value> = logged.iter().filter(|l| l["command"] == "get").collect();
+    assert_eq!(json!(gets.len()), stats["gets"], "a line per get");
+    assert_eq!(json!(gets.iter().filter(|l| l["result"] == "hit").count()), stats["hits"]);
+    assert!(gets.iter().all(|l| l["ms"].as_f64().is_some() && l["action"].as_str().is_some_and(|a| a.len() == 64)));
+    let fetched: u64 =
+        gets.iter().filter(|l| l["from"] == "fetched").map(|l| l["remote_bytes"].as_u64().unwrap()).sum();
+    assert!(fetched <= down, "{fetched} > {down}");
+    assert!(gets.iter().any(|l| l["from"] == "local" || l["from"] == "fetched"), "{logged:?}");
+    assert_eq!(json!(logged.iter().filter(|l| l["command"] == "put").count()), stats["puts"]);
+
+    // Entries written without compression, as an older gocp wrote them, read
+    // the same through a gocp that compresses.
+    let plain = server.backend_at("/plain", "correct-horse");
+    let c = Machine::new(&tmp.path().join("c"));
+    c.run(&plain.with(&["--compress", "none"]), &src, &["build", "-trimpath", "./..."]);
+    assert!(!files_under(&server.data().join("plain/cas")).iter().any(|p| is_zstd(&fs::read(p).unwrap())));
+    let d = Machine::new(&tmp.path().join("d"));
+    let out = d.run(&plain, &src, &["build", "-x", "-trimpath", "./..."]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "old entries served");
+
+    // Whoever damages the compressed bodies on the server costs E its hits,
+    // never a wrong output: each is rejected, counted, and said once.
+    for path in cas.iter().filter(|p| is_zstd(&fs::read(p).unwrap())) {
+        let mut bytes = fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x5a;
+        bytes[5] ^= 0x5a;
+        fs::write(path, bytes).unwrap();
+    }
+    let e = Machine::new(&tmp.path().join("e"));
+    let out = e.run(&backend, &src, &["build", "-trimpath", "./..."]);
+    let stats = e.stats();
+    assert!(stats["rejected_bodies"].as_u64().unwrap() > 0, "{stats}");
+    let lines = gocp_lines(&out.stderr);
+    assert!(lines.len() == 1 && lines[0].contains("rejected a body"), "{lines:?}");
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, as PEM files in `dir`:
+/// (CA certificate, server certificate, server key).
+fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "gocp test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    fs::write(&paths.0, ca_cert.pem()).unwrap();
+    fs::write(&paths.1, server_cert.pem()).unwrap();
+    fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn https_with_a_private_ca_is_trusted_when_given_and_says_what_to_change_when_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, certificate, key) = private_ca(tmp.path());
+    let server = Nginx::start_tls(&certificate, &key);
+    let plain = server.backend();
+    let backend = Backend {
+        args: plain.args.iter().map(|a| a.replace("url=http://", "url=https://")).collect(),
+        env: plain.env.clone(),
+    };
+    let src = tmp.path().join("src");
+    write_module(&src);
+
+    // Not given the CA: the build goes on, without the cache, and gocp says
+    // once what to change.
+    let untrusting = Machine::new(&tmp.path().join("untrusting"));
+    let out = untrusting.run(&backend, &src, &["build", "./..."]);
+    let lines = gocp_lines(&out.stderr);
+    assert!(lines.len() == 1 && lines[0].contains("--ca-file"), "{lines:?}");
+    assert!(untrusting.stats()["plugin_errors"].as_u64().unwrap() > 0);
+    assert_eq!(server.stored(), 0);
+
+    // Given it: A fills the cache over HTTPS, and B builds from it.
+    let trusting = backend.with(&["--ca-file", ca.to_str().unwrap()]);
+    let a = Machine::new(&tmp.path().join("a"));
+    let out = a.run(&trusting, &src, &["build", "-trimpath", "./..."]);
+    assert_eq!(gocp_lines(&out.stderr), Vec::<String>::new());
+    assert!(server.stored() > 0);
+    let b = Machine::new(&tmp.path().join("b"));
+    let out = b.run(&trusting, &src, &["build", "-x", "-trimpath", "./..."]);
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "B built from the HTTPS cache");
+
+    // The system's store as SSL_CERT_FILE names it counts too.
+    let c = Machine::new(&tmp.path().join("c"));
+    let mut cmd = c.go(&backend, &src, &["build", "-x", "-trimpath", "./..."]);
+    cmd.env("SSL_CERT_FILE", &ca);
+    let out = cmd.output_within(COMMAND_LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(compile_steps(&text(&out.stderr)), Vec::<&str>::new(), "trusted through SSL_CERT_FILE");
+
+    // A file that holds no certificate is a mistake named at the start.
+    let e = remote::fails_to_start(
+        "http",
+        &["--config", "url=https://127.0.0.1:1/x", "--ca-file", key.to_str().unwrap()],
+        &[],
+    );
+    assert!(e.contains("--ca-file") && e.contains("server.key"), "{e}");
 }

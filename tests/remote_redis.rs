@@ -137,7 +137,8 @@ fn a_body_larger_than_the_plugins_memory_streams_both_ways() {
     drop(whole);
 
     // 32 MiB per instance: a plugin holding the body in memory would trap.
-    let small = ["--plugin-memory", "32MiB"];
+    // Uncompressed, so that the plugin streams the body as the go command wrote it.
+    let small = ["--plugin-memory", "32MiB", "--compress", "none"];
     let mut s = session(&tmp.path().join("a"), &backend, &small);
     s.send_put_streamed(1, &[9; 32], &output, size, pattern);
     assert!(s.recv().get("DiskPath").is_some());
@@ -157,7 +158,8 @@ fn a_body_larger_than_the_plugins_memory_streams_both_ways() {
 fn bodies_beyond_max_body_stay_local() {
     let server = Redis::start();
     let mut backend = server.backend();
-    backend.args.extend(["--config".into(), "max-body=64KiB".into()]);
+    // The plugin's own limit, on bodies as they are (compressed, these would fit).
+    backend.args.extend(["--config".into(), "max-body=64KiB".into(), "--compress".into(), "none".into()]);
     let tmp = tempfile::tempdir().unwrap();
     put(&tmp.path().join("a"), &backend, &[1; 32], &vec![1u8; 100_000]);
     put(&tmp.path().join("a"), &backend, &[2; 32], &vec![2u8; 1000]);

@@ -32,3 +32,24 @@ pub fn now_ns() -> u64 {
 pub fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
+
+/// How a backend holds an output's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// As the go command wrote it, under its output id.
+    AsIs,
+    /// Compressed with zstd, under the SHA-256 of the compressed bytes (so
+    /// that a store checking its keys against the content, as Bazel caches
+    /// do, accepts it), `size` bytes long.
+    Zstd { id: Digest, size: u64 },
+}
+
+impl Stored {
+    /// The id and size the backend knows the body of `entry` by.
+    pub fn key(&self, entry: &Entry) -> (Digest, u64) {
+        match *self {
+            Stored::AsIs => (entry.output_id, entry.size),
+            Stored::Zstd { id, size } => (id, size),
+        }
+    }
+}

@@ -7,11 +7,13 @@
 //! runs the WebAssembly component. `cli` sets it all up; `stats` counts;
 //! `manifest` is the format of what a session used; `domain` holds the
 //! types they all speak of; `text` makes a backend's text safe to print;
-//! `trust` signs and checks entries of a shared cache.
+//! `trust` signs and checks entries of a shared cache; `host_data` is the
+//! format of what gocp keeps with each entry in a backend.
 
 pub mod backend;
 pub mod cli;
 pub mod domain;
+pub mod host_data;
 pub mod local;
 pub mod manifest;
 pub mod plugin;

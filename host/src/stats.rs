@@ -99,6 +99,18 @@ counters! {
     rejected_bodies,
     /// Entries from the backend no trusted key signed (see `trust`): misses.
     untrusted_entries,
+    /// Bytes of bodies sent to the backend, as it stores them (compressed,
+    /// when they are).
+    remote_bytes_up,
+    /// Bytes of bodies received from the backend, as it stores them.
+    remote_bytes_down,
+    /// Time the go command's gets spent waiting on the backend (lookups of
+    /// misses included); background work is not counted.
+    remote_wait_ms,
+    /// Connections the plugin's wasi:http requests opened, and the requests
+    /// sent over them (a connection is reused while it stays open).
+    http_connections,
+    http_requests,
     /// Time spent inside backend calls.
     plugin_ms,
     /// The whole session.

@@ -4,10 +4,10 @@
 //! Anyone who can write to a shared store could map a real action to another
 //! well-formed output, which every machine reading the store would then link
 //! in. So a signer signs each entry it writes over what the go command will
-//! trust (the action id, the output id, its size and time), and a reader that
-//! trusts keys uses an entry only if one of them signed exactly it. The
-//! signature travels as the entry's host data; plugins store it without
-//! knowing what it is.
+//! trust (the action id, the output id, its size and time) and how its body
+//! is stored, and a reader that trusts keys uses an entry only if one of them
+//! signed exactly it. The signature travels in the entry's host data (see
+//! `host_data`); plugins store it without knowing what it is.
 //!
 //! Each signer writes under a namespace of its own, the action id hashed with
 //! its public key: a pull request signing with another key (or none) writes
@@ -32,11 +32,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
 
 use crate::domain::{Digest, Entry};
+use crate::host_data::{self, Parsed};
 
 const PUBLIC_PREFIX: &str = "gocp-ed25519:";
 const PRIVATE_PREFIX: &str = "gocp-ed25519-private:";
-/// The first byte of host data that holds a signature, for later formats.
-const SIGNED_V1: u8 = 1;
 
 /// A public key someone signs with: what `--trust-key` names.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,10 +85,10 @@ impl PublicKey {
         h.finalize().into()
     }
 
-    fn verifies(&self, action_id: &Digest, entry: &Entry, host_data: &[u8]) -> bool {
-        let Some((&SIGNED_V1, signature)) = host_data.split_first() else { return false };
-        let Ok(signature) = Signature::from_slice(signature) else { return false };
-        self.0.verify_strict(&message(action_id, entry), &signature).is_ok()
+    fn verifies(&self, action_id: &Digest, entry: &Entry, host_data: &Parsed<'_>) -> bool {
+        let Some(signature) = &host_data.signature else { return false };
+        let signature = Signature::from_bytes(signature);
+        self.0.verify_strict(&message(action_id, entry, host_data.signed), &signature).is_ok()
     }
 }
 
@@ -139,14 +138,16 @@ impl PrivateKey {
     }
 }
 
-/// What a signature covers: everything the go command trusts an entry for.
-fn message(action_id: &Digest, entry: &Entry) -> Vec<u8> {
-    let mut m = Vec::with_capacity(22 + 32 + 32 + 16);
-    m.extend_from_slice(b"gocp signed entry v1\0");
+/// What a signature covers: everything the go command trusts an entry for,
+/// and the host data's records before the signature (how the body is stored).
+fn message(action_id: &Digest, entry: &Entry, records: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(22 + 32 + 32 + 16 + records.len());
+    m.extend_from_slice(b"gocp signed entry v2\0");
     m.extend_from_slice(action_id);
     m.extend_from_slice(&entry.output_id);
     m.extend_from_slice(&entry.size.to_le_bytes());
     m.extend_from_slice(&entry.put_time_ns.to_le_bytes());
+    m.extend_from_slice(records);
     m
 }
 
@@ -196,19 +197,19 @@ impl Trust {
     /// Whether an entry found by `lookup` may be used: unchecked without
     /// trust keys; else signed, by the key it was looked up for, over exactly
     /// this action and entry.
-    pub fn accepts(&self, lookup: &Lookup<'_>, action_id: &Digest, entry: &Entry, host_data: &[u8]) -> bool {
+    pub fn accepts(&self, lookup: &Lookup<'_>, action_id: &Digest, entry: &Entry, host_data: &Parsed<'_>) -> bool {
         lookup.signer.is_none_or(|k| k.verifies(action_id, entry, host_data))
     }
 
-    /// Where the entry of `action_id` is written, and the host data that goes
-    /// with it (a signature, when this machine signs).
-    pub fn seal(&self, action_id: &Digest, entry: &Entry) -> (Digest, Vec<u8>) {
+    /// Where the entry of `action_id` is written, and its host data: the
+    /// `records` given, then a signature when this machine signs.
+    pub fn seal(&self, action_id: &Digest, entry: &Entry, mut records: Vec<u8>) -> (Digest, Vec<u8>) {
         match &self.signer {
-            None => (*action_id, Vec::new()),
+            None => (*action_id, records),
             Some(s) => {
-                let mut host_data = vec![SIGNED_V1];
-                host_data.extend_from_slice(&s.0.sign(&message(action_id, entry)).to_bytes());
-                (s.public().namespace(action_id), host_data)
+                let signature = s.0.sign(&message(action_id, entry, &records)).to_bytes();
+                host_data::append_signature(&mut records, &signature);
+                (s.public().namespace(action_id), records)
             }
         }
     }
@@ -243,6 +244,7 @@ pub fn keygen(dir: &Path) -> Result<PublicKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Stored;
 
     fn entry(n: u8) -> Entry {
         Entry { output_id: [n; 32], size: u64::from(n) * 10, put_time_ns: 1_700_000_000 + u64::from(n) }
@@ -252,34 +254,47 @@ mod tests {
         PrivateKey(SigningKey::from_bytes(&[n; 32]))
     }
 
+    fn accepts(trust: &Trust, lookup: &Lookup<'_>, action: &Digest, entry: &Entry, host_data: &[u8]) -> bool {
+        host_data::decode(host_data).is_ok_and(|parsed| trust.accepts(lookup, action, entry, &parsed))
+    }
+
     #[test]
-    fn a_signature_covers_exactly_one_action_and_entry() {
+    fn a_signature_covers_exactly_one_action_entry_and_way_of_storing() {
         let trust = Trust::new(Some(key(1)), Vec::new());
-        let (at, host_data) = trust.seal(&[7; 32], &entry(1));
+        let (at, host_data) = trust.seal(&[7; 32], &entry(1), Vec::new());
         let lookups = trust.lookups(&[7; 32]);
         assert_eq!(lookups.len(), 1);
         assert_eq!(lookups[0].key, at, "a signer reads where it writes");
-        assert!(trust.accepts(&lookups[0], &[7; 32], &entry(1), &host_data));
-        assert!(!trust.accepts(&lookups[0], &[8; 32], &entry(1), &host_data), "another action");
-        assert!(!trust.accepts(&lookups[0], &[7; 32], &entry(2), &host_data), "another output");
+        assert!(accepts(&trust, &lookups[0], &[7; 32], &entry(1), &host_data));
+        assert!(!accepts(&trust, &lookups[0], &[8; 32], &entry(1), &host_data), "another action");
+        assert!(!accepts(&trust, &lookups[0], &[7; 32], &entry(2), &host_data), "another output");
         let mut later = entry(1);
         later.put_time_ns += 1;
-        assert!(!trust.accepts(&lookups[0], &[7; 32], &later, &host_data), "another time");
-        assert!(!trust.accepts(&lookups[0], &[7; 32], &entry(1), &[]), "no signature");
+        assert!(!accepts(&trust, &lookups[0], &[7; 32], &later, &host_data), "another time");
+        assert!(!accepts(&trust, &lookups[0], &[7; 32], &entry(1), &[]), "no signature");
+
+        let zstd = |id| host_data::encode(&Stored::Zstd { id, size: 5 });
+        let (_, compressed) = trust.seal(&[7; 32], &entry(1), zstd([3; 32]));
+        assert!(accepts(&trust, &lookups[0], &[7; 32], &entry(1), &compressed));
+        let mut swapped = zstd([4; 32]);
+        swapped.extend_from_slice(&compressed[swapped.len()..]);
+        assert!(!accepts(&trust, &lookups[0], &[7; 32], &entry(1), &swapped), "another stored body");
+        let signature_only = &compressed[zstd([3; 32]).len()..];
+        assert!(!accepts(&trust, &lookups[0], &[7; 32], &entry(1), signature_only), "a record dropped");
     }
 
     #[test]
     fn signers_write_apart_and_readers_trust_only_named_keys() {
         let main = Trust::new(Some(key(1)), Vec::new());
         let pr = Trust::new(Some(key(2)), vec![key(1).public()]);
-        let (main_at, main_data) = main.seal(&[7; 32], &entry(1));
-        let (pr_at, pr_data) = pr.seal(&[7; 32], &entry(2));
+        let (main_at, main_data) = main.seal(&[7; 32], &entry(1), Vec::new());
+        let (pr_at, pr_data) = pr.seal(&[7; 32], &entry(2), Vec::new());
         assert_ne!(main_at, pr_at, "a pull request never overwrites the trusted entry");
         let reader = Trust::new(None, vec![key(1).public()]);
         let lookups = reader.lookups(&[7; 32]);
         assert_eq!(lookups[0].key, main_at);
-        assert!(reader.accepts(&lookups[0], &[7; 32], &entry(1), &main_data));
-        assert!(!reader.accepts(&lookups[0], &[7; 32], &entry(2), &pr_data), "signed, but by a key not trusted");
+        assert!(accepts(&reader, &lookups[0], &[7; 32], &entry(1), &main_data));
+        assert!(!accepts(&reader, &lookups[0], &[7; 32], &entry(2), &pr_data), "signed, but by a key not trusted");
         // Rotation: both keys trusted, each looked up where it writes.
         let rotating = Trust::new(None, vec![key(1).public(), key(2).public()]);
         let keys: Vec<Digest> = rotating.lookups(&[7; 32]).iter().map(|l| l.key).collect();
@@ -287,8 +302,8 @@ mod tests {
         // No keys at all: as before, the action id itself, nothing checked.
         let plain = Trust::default();
         assert!(!plain.in_use());
-        assert_eq!(plain.seal(&[7; 32], &entry(1)), ([7; 32], Vec::new()));
-        assert!(plain.accepts(&plain.lookups(&[7; 32])[0], &[7; 32], &entry(9), &[]));
+        assert_eq!(plain.seal(&[7; 32], &entry(1), Vec::new()), ([7; 32], Vec::new()));
+        assert!(accepts(&plain, &plain.lookups(&[7; 32])[0], &[7; 32], &entry(9), &[]));
     }
 
     #[test]

@@ -93,10 +93,20 @@ pub trait Backend: Send + Sync {
     /// A fresh instance, ready for calls, started within `deadline`.
     fn start(&self, deadline: &Deadline) -> Result<Box<dyn Instance>, CallError>;
 
-    /// Connections the backend tried and was refused, for statistics.
-    fn network_denials(&self) -> u64 {
-        0
+    /// What it did on the network so far, for statistics.
+    fn network(&self) -> Network {
+        Network::default()
     }
+}
+
+/// A backend's network figures.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    /// Connections it tried and was refused.
+    pub denials: u64,
+    /// HTTP connections opened, and requests sent over them.
+    pub http_connections: u64,
+    pub http_requests: u64,
 }
 
 /// One instance of a backend. Every call must return by its deadline or be

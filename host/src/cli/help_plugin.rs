@@ -44,6 +44,7 @@ pub fn describe(source: &Source, artifact_dir: &Path, state_root: &Path) -> Resu
         grants: Grants { dirs: Vec::new(), env: Vec::new(), net: Vec::new(), memory: 1 << 30, stderr_prefix: None },
         max_instances: Some(1),
         call_timeout: Duration::from_secs(10),
+        ca_files: Vec::new(),
     };
     let what = source.describe();
     let template = Template::new(options).with_context(|| format!("plugin {what}"))?;

@@ -25,7 +25,8 @@ use crate::local::entries::LocalEntries;
 use crate::local::store::{Store, TrimPolicy};
 use crate::local::{LocalTier, sessions};
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
-use crate::serve::{self, Ending, Settings};
+use crate::serve::request_log::RequestLog;
+use crate::serve::{self, Compression, Ending, Settings};
 use crate::stats::Summary;
 use crate::trust::{self, PrivateKey, PublicKey, Trust};
 
@@ -78,6 +79,12 @@ pub struct Cli {
     #[arg(global = true, long = "allow-net", env = "GOCP_ALLOW_NET", value_name = "HOST:PORT", value_parser = NetGrant::parse)]
     pub allow_net: Vec<NetGrant>,
 
+    /// Trust the CA certificates in this PEM file for the plugin's HTTPS
+    /// requests, besides the system's (repeatable; SSL_CERT_FILE and
+    /// SSL_CERT_DIR also change what the system's are).
+    #[arg(global = true, long = "ca-file", env = "GOCP_CA_FILE", value_name = "FILE")]
+    pub ca_file: Vec<PathBuf>,
+
     /// Memory each plugin instance may use.
     #[arg(global = true, long, env = "GOCP_PLUGIN_MEMORY", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     pub plugin_memory: u64,
@@ -122,6 +129,12 @@ pub struct Cli {
     #[arg(long, env = "GOCP_STATS_JSON", value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
 
+    /// Append one JSON line per request to FILE: the command, ids, hit or miss,
+    /// where it was served from, bytes and time; and one per put the plugin
+    /// recorded.
+    #[arg(long, env = "GOCP_LOG_REQUESTS", value_name = "FILE")]
+    pub log_requests: Option<PathBuf>,
+
     /// Give the plugin nothing to write: outputs are kept on this machine only
     /// (builds of untrusted code, such as pull requests).
     #[arg(long, env = "GOCP_READ_ONLY")]
@@ -131,6 +144,12 @@ pub struct Cli {
     /// readable by its owner only). GOCP_SIGN_KEY may hold the key itself instead.
     #[arg(long, env = "GOCP_SIGN_KEY_FILE", value_name = "FILE")]
     pub sign_key: Option<PathBuf>,
+
+    /// Compress bodies sent to the plugin: `zstd`, `zstd:LEVEL` (1-19), `none`, or
+    /// `auto`: zstd for plugins that reach the network, none for the others. Old
+    /// entries read either way.
+    #[arg(long, env = "GOCP_COMPRESS", value_name = "MODE", default_value = "auto", value_parser = parse_compress)]
+    pub compress: CompressMode,
 
     /// Use only entries signed by this key: a `gocp-ed25519:...` public key or a
     /// file holding one (repeatable, to rotate keys). Without it, a signer
@@ -295,10 +314,36 @@ fn parse() -> Result<Option<Cli>> {
     if let Some(w) = words("allow_net", "GOCP_ALLOW_NET")? {
         cli.allow_net = each("GOCP_ALLOW_NET", w, NetGrant::parse)?;
     }
+    if let Some(w) = words("ca_file", "GOCP_CA_FILE")? {
+        cli.ca_file = w.into_iter().map(PathBuf::from).collect();
+    }
     if let Some(w) = words("trust_key", "GOCP_TRUST_KEY")? {
         cli.trust_key = w;
     }
     Ok(Some(cli))
+}
+
+/// What `--compress` asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum CompressMode {
+    Auto,
+    Set(Compression),
+}
+
+/// zstd's own default: 4.4 times smaller Go outputs, compressed at several
+/// hundred MB/s per core, so an upload is never held up by it.
+const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+fn parse_compress(text: &str) -> Result<CompressMode, String> {
+    match text {
+        "auto" => Ok(CompressMode::Auto),
+        "none" => Ok(CompressMode::Set(Compression::None)),
+        "zstd" => Ok(CompressMode::Set(Compression::Zstd(DEFAULT_ZSTD_LEVEL))),
+        _ => match text.strip_prefix("zstd:").map(str::parse::<i32>) {
+            Some(Ok(level @ 1..=19)) => Ok(CompressMode::Set(Compression::Zstd(level))),
+            _ => Err(format!("{text:?}: expected auto, none, zstd or zstd:LEVEL with LEVEL from 1 to 19")),
+        },
+    }
 }
 
 /// Splits an environment variable's value into words the way the go command
@@ -461,6 +506,10 @@ pub fn run() -> Result<ExitCode> {
         None
     };
 
+    let request_log = match &cli.log_requests {
+        Some(path) => RequestLog::open(path)?,
+        None => RequestLog::off(),
+    };
     let (input, output) = take_protocol_streams()?;
     let settings = Settings {
         trim: TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: cli.trim_interval },
@@ -469,6 +518,12 @@ pub fn run() -> Result<ExitCode> {
         state_dir: dir.clone(),
         read_only: cli.read_only,
         trust,
+        compression: match cli.compress {
+            CompressMode::Auto if plugin.networked() => Compression::Zstd(DEFAULT_ZSTD_LEVEL),
+            CompressMode::Auto => Compression::None,
+            CompressMode::Set(compression) => compression,
+        },
+        request_log,
     };
     let report = |summary: &Summary| {
         if cli.verbose {
@@ -508,6 +563,7 @@ fn plugin_options(
         },
         max_instances: instances,
         call_timeout: cli.plugin_timeout,
+        ca_files: cli.ca_file.clone(),
     }
 }
 

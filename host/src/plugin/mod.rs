@@ -13,6 +13,7 @@
 mod artifact;
 mod bindings;
 pub mod builtin;
+mod egress;
 mod sandbox;
 mod streams;
 
@@ -121,6 +122,9 @@ pub struct Options {
     /// byte that moves, see `backend::deadline`); also the longest a wasi:http
     /// request may wait to connect or between bytes.
     pub call_timeout: Duration,
+    /// PEM files of CA certificates that wasi:http's TLS trusts besides the
+    /// system's.
+    pub ca_files: Vec<PathBuf>,
 }
 
 /// Per-instance host state: the WASI context with the plugin's grants.
@@ -271,6 +275,11 @@ impl Plugin {
     pub fn carries_host_data(&self) -> bool {
         self.template.carries_host_data()
     }
+
+    /// Whether it reaches the network (imports wasi:http or wasi:sockets).
+    pub fn networked(&self) -> bool {
+        self.template.networked
+    }
 }
 
 impl backend::Backend for Plugin {
@@ -309,8 +318,8 @@ impl backend::Backend for Plugin {
         Ok(Box::new(instance))
     }
 
-    fn network_denials(&self) -> u64 {
-        self.template.sandbox.network_denials()
+    fn network(&self) -> backend::Network {
+        self.template.sandbox.network()
     }
 }
 
@@ -413,7 +422,8 @@ impl Template {
             linker.instantiate_pre(&component).map_err(|e| anyhow!("it needs imports gocp does not provide: {e:#}"))?;
         let pre = bindings::Pre::new(pre)?;
         let state_dir = options.state_root.join(options.source.state_dir_name());
-        let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout);
+        let egress = Arc::new(egress::Egress::new(&options.ca_files)?);
+        let sandbox = sandbox::Sandbox::new(state_dir, options.grants.clone(), options.call_timeout, egress);
         Ok(Template { engine, in_flight, networked, imports, pre, options, sandbox })
     }
 

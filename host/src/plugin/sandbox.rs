@@ -40,6 +40,8 @@ use wasmtime_wasi::sockets::WasiSocketsView;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
+use super::egress::Egress;
+
 /// A directory the user grants a plugin (`--allow-dir`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirGrant {
@@ -95,6 +97,7 @@ pub struct Sandbox {
     grants: Grants,
     env: Vec<(String, String)>,
     net: Arc<NetPolicy>,
+    egress: Arc<Egress>,
 }
 
 struct NetPolicy {
@@ -110,7 +113,7 @@ struct NetPolicy {
 }
 
 impl Sandbox {
-    pub fn new(state_dir: PathBuf, grants: Grants, timeout: Duration) -> Sandbox {
+    pub fn new(state_dir: PathBuf, grants: Grants, timeout: Duration, egress: Arc<Egress>) -> Sandbox {
         let env = grants.env.iter().filter_map(|name| std::env::var(name).ok().map(|v| (name.clone(), v))).collect();
         let net = Arc::new(NetPolicy {
             authorities: grants.net.clone(),
@@ -118,12 +121,17 @@ impl Sandbox {
             timeout,
             denied: AtomicU64::new(0),
         });
-        Sandbox { state_dir, grants, env, net }
+        Sandbox { state_dir, grants, env, net, egress }
     }
 
-    /// Connections the plugin tried and was refused, over all instances.
-    pub fn network_denials(&self) -> u64 {
-        self.net.denied.load(Ordering::Relaxed)
+    /// Over all instances: connections refused, HTTP connections opened and
+    /// requests sent.
+    pub fn network(&self) -> crate::backend::Network {
+        crate::backend::Network {
+            denials: self.net.denied.load(Ordering::Relaxed),
+            http_connections: self.egress.opened.load(Ordering::Relaxed),
+            http_requests: self.egress.requests.load(Ordering::Relaxed),
+        }
     }
 
     pub fn wasi(&self) -> Result<WasiCtx> {
@@ -174,7 +182,7 @@ impl Sandbox {
     }
 
     pub fn http_gate(&self) -> HttpGate {
-        HttpGate { net: self.net.clone() }
+        HttpGate { net: self.net.clone(), egress: self.egress.clone() }
     }
 }
 
@@ -252,6 +260,7 @@ pub fn gate_name_lookups(linker: &mut Linker<super::HostState>) -> Result<()> {
 /// scheme's default port when none is given).
 pub struct HttpGate {
     net: Arc<NetPolicy>,
+    egress: Arc<Egress>,
 }
 
 type SendFuture = Box<
@@ -264,6 +273,15 @@ type SendFuture = Box<
 >;
 
 impl WasiHttpHooks for HttpGate {
+    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> wasmtime_wasi_http::p2::bindings::http::types::ErrorCode {
+        use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+        if super::egress::is_certificate_error(err) {
+            ErrorCode::TlsCertificateError
+        } else {
+            ErrorCode::TlsProtocolError
+        }
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -291,10 +309,11 @@ impl WasiHttpHooks for HttpGate {
             first_byte_timeout: clamp(options.first_byte_timeout),
             between_bytes_timeout: clamp(options.between_bytes_timeout),
         };
+        let egress = self.egress.clone();
         Box::new(async move {
-            use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
-            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+            let response = egress.send(request, options).await?;
+            // The pool drives each connection itself: nothing left for the caller to run.
+            Ok((response, Box::new(async { Ok(()) }) as Box<dyn Future<Output = _> + Send>))
         })
     }
 }

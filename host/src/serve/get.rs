@@ -15,36 +15,64 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
+use super::request_log::Line;
 use super::stages::{self, Refused};
 use super::workers::{Abandoned, Calls, Worker};
 use super::{Problem, Session, path_string, prefetch};
 use crate::backend::{CallError, Digest, Entry, ReadBody};
+use crate::domain::Stored;
 use crate::local::store::CommitError;
 use crate::protocol::{Response, format_time};
 
-/// Answers a get, then, for one of the session's first gets, looks for the
-/// manifest it may lead to.
-pub(super) fn answer(session: &Arc<Session>, worker: &mut Worker, id: i64, action_id: Digest) -> Result<(), Abandoned> {
+/// Answers a get received at `received`, then, for one of the session's
+/// first gets, looks for the manifest it may lead to.
+pub(super) fn answer(
+    session: &Arc<Session>,
+    worker: &mut Worker,
+    id: i64,
+    action_id: Digest,
+    received: Instant,
+) -> Result<(), Abandoned> {
     let may_lead = session.prefetch.is_first_get(&action_id);
-    respond(session, worker, id, action_id)?;
+    respond(session, worker, id, action_id, received)?;
     if may_lead {
         prefetch::look_for_manifest(session, worker, &action_id)?;
     }
     Ok(())
 }
 
-fn respond(session: &Arc<Session>, worker: &mut Worker, id: i64, action_id: Digest) -> Result<(), Abandoned> {
+/// What asking the backend came to.
+enum Looked {
+    /// Its body is in the local store; `fetched` says how many bytes came
+    /// from the backend for it, if it was not here already.
+    Hit { entry: Entry, path: PathBuf, fetched: Option<u64> },
+    /// The backend has no (usable) entry, or no body for it.
+    Miss,
+    /// The backend failed; said and counted already.
+    Failed,
+}
+
+fn respond(
+    session: &Arc<Session>,
+    worker: &mut Worker,
+    id: i64,
+    action_id: Digest,
+    received: Instant,
+) -> Result<(), Abandoned> {
     session.stats.gets.add(1);
     if let Some((entry, path)) = session.local.find(&action_id) {
         session.stats.hits_local.add(1);
         session.responder.send(&hit(session, id, &entry, path));
         session.prefetch.note_used(&action_id, &entry);
+        log(session, id, &action_id, received, Some(&entry), "local", 0);
         return Ok(());
     }
     if !session.breaker.allows() {
         session.stats.skipped_while_paused.add(1);
         session.respond_miss(id);
+        log(session, id, &action_id, received, None, "paused", 0);
         return Ok(());
     }
     // Answered here, or by the watchdog if a call gets stuck: the first to
@@ -56,76 +84,110 @@ fn respond(session: &Arc<Session>, worker: &mut Worker, id: i64, action_id: Dige
             session.backend_stuck();
             if !claimed.swap(true, Ordering::SeqCst) {
                 session.respond_miss(id);
+                log(&session, id, &action_id, received, None, "failed", 0);
             }
         }
     };
-    let found = worker.work(on_stuck, |calls| match calls {
+    let asked = Instant::now();
+    let looked = worker.work(on_stuck, |calls| match calls {
         Some(calls) => look_up(session, calls, &action_id),
         None => {
             session.no_instance();
-            None
+            Looked::Failed
         }
     })?;
+    session.remote_wait_ns.fetch_add(asked.elapsed().as_nanos() as u64, Ordering::Relaxed);
     if !claimed.swap(true, Ordering::SeqCst) {
-        match found {
-            Some((entry, path)) => {
+        match looked {
+            Looked::Hit { entry, path, fetched } => {
                 session.responder.send(&hit(session, id, &entry, path));
                 // After the answer: the go command needs only the body on disk.
                 session.remember(&action_id, &entry);
                 session.prefetch.note_used(&action_id, &entry);
+                let (from, bytes) = fetched.map_or(("remote", 0), |bytes| ("fetched", bytes));
+                log(session, id, &action_id, received, Some(&entry), from, bytes);
             }
-            None => session.respond_miss(id),
+            Looked::Miss => {
+                session.respond_miss(id);
+                log(session, id, &action_id, received, None, "backend", 0);
+            }
+            Looked::Failed => {
+                session.respond_miss(id);
+                log(session, id, &action_id, received, None, "failed", 0);
+            }
         }
     }
     Ok(())
 }
 
-/// The entry and the stored body for `action_id` through the backend, or
-/// `None` for a miss. An entry that answers followed by a body that fails is
-/// a failure: a backend whose bodies stall must be paused too.
-fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest) -> Option<(Entry, PathBuf)> {
-    let entry = match find_entry(session, calls, action_id) {
-        Ok(Some(entry)) => entry,
+/// A get's line in the request log: a hit when there is an entry.
+fn log(
+    session: &Session,
+    id: i64,
+    action_id: &Digest,
+    received: Instant,
+    entry: Option<&Entry>,
+    from: &'static str,
+    remote_bytes: u64,
+) {
+    if !session.log.is_on() {
+        return;
+    }
+    let mut line = Line::new("get", action_id, if entry.is_some() { "hit" } else { "miss" }, received);
+    line.id = Some(id);
+    line.from = Some(from);
+    line.output = entry.map(|e| hex::encode(e.output_id));
+    line.size = entry.map(|e| e.size);
+    line.remote_bytes = remote_bytes;
+    session.log_line(&line);
+}
+
+/// The entry and the stored body for `action_id` through the backend. An
+/// entry that answers followed by a body that fails is a failure: a backend
+/// whose bodies stall must be paused too.
+fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest) -> Looked {
+    let (entry, stored) = match find_entry(session, calls, action_id) {
+        Ok(Some(found)) => found,
         Ok(None) => {
             session.breaker.success();
-            return None;
+            return Looked::Miss;
         }
         Err(e) => {
             session.backend_failed(&e);
-            return None;
+            return Looked::Failed;
         }
     };
-    let path = match session.local.body(&entry) {
-        Some(path) => Some(path),
-        None if session.backend.stores_bodies() => match fetch(session, calls, &entry) {
-            Ok(fetched) => {
-                if fetched.is_some() {
-                    session.stats.hits_fetched.add(1);
-                    session.known.insert(entry.output_id);
-                }
-                fetched
+    let looked = match session.local.body(&entry) {
+        Some(path) => Looked::Hit { entry, path, fetched: None },
+        None if session.backend.stores_bodies() => match fetch(session, calls, &entry, &stored) {
+            Ok(Some(path)) => {
+                session.stats.hits_fetched.add(1);
+                Looked::Hit { entry, path, fetched: Some(stored.key(&entry).1) }
             }
-            Err(CallFailed) => return None,
+            Ok(None) => Looked::Miss,
+            Err(CallFailed) => return Looked::Failed,
         },
-        None => None,
+        None => Looked::Miss,
     };
     session.breaker.success();
-    Some((entry, path?))
+    looked
 }
 
 /// The entry of `action_id` the backend holds where the trusted keys write
-/// it (see `stages::entry_lookups`), the first one that passes the stages.
-/// An entry no trusted key signed counts as not found, and is counted.
+/// it (see `stages::entry_lookups`), the first one that passes the stages,
+/// and how its body is stored. An entry no trusted key signed counts as not
+/// found, and is counted.
 pub(super) fn find_entry(
     session: &Session,
     calls: &mut Calls<'_>,
     action_id: &Digest,
-) -> Result<Option<Entry>, CallError> {
+) -> Result<Option<(Entry, Stored)>, CallError> {
     for lookup in stages::entry_lookups(&session.trust, action_id) {
         let Some(stored) = calls.read_entry(&lookup.key)? else { continue };
         match stages::entry_in(&session.trust, &lookup, action_id, stored) {
-            Ok(entry) => return Ok(Some(entry)),
+            Ok(found) => return Ok(Some(found)),
             Err(Refused::Untrusted) => session.untrusted(),
+            Err(Refused::Unreadable) => {}
             Err(Refused::Broken(e)) => return Err(e),
         }
     }
@@ -148,24 +210,39 @@ fn hit(session: &Session, id: i64, entry: &Entry, path: PathBuf) -> Response {
 /// A backend call failed; it has been counted and reported.
 pub(super) struct CallFailed;
 
-/// Brings a body the backend has into the local store, through the stages.
-/// `Ok(None)` when it is not there to be had: the backend does not have it,
-/// it was not what its entry says, or the local store failed (each reported
-/// as it deserves).
-pub(super) fn fetch(session: &Session, calls: &mut Calls<'_>, entry: &Entry) -> Result<Option<PathBuf>, CallFailed> {
-    let writer = match session.local.store.begin() {
-        Ok(w) => w,
-        Err(e) => {
-            session.problems.report(Problem::Store, format!("local store: {e}"));
-            return Ok(None);
-        }
+/// Brings a body the backend has, stored as `stored`, into the local store,
+/// through the stages. `Ok(None)` when it is not there to be had: the
+/// backend does not have it, it was not what its entry says, or the local
+/// store failed (each reported as it deserves).
+pub(super) fn fetch(
+    session: &Session,
+    calls: &mut Calls<'_>,
+    entry: &Entry,
+    stored: &Stored,
+) -> Result<Option<PathBuf>, CallFailed> {
+    let store_failed = |e: &dyn std::fmt::Display| {
+        session.problems.report(Problem::Store, format!("local store: {e}"));
+        Ok(None)
     };
-    let sink = stages::body_in(writer, entry.size, calls.progress());
-    let written = match calls.read_body(&entry.output_id, entry.size, sink) {
-        Ok(ReadBody::Written(sink)) => sink.finish(),
+    let (sink, refusal) =
+        match session.local.store.begin().and_then(|w| stages::body_in(w, entry, stored, calls.progress())) {
+            Ok(sink) => sink,
+            Err(e) => return store_failed(&e),
+        };
+    let (id, size) = stored.key(entry);
+    let written = match calls.read_body(&id, size, sink) {
+        Ok(ReadBody::Written(sink)) => {
+            session.stats.remote_bytes_down.add(sink.received());
+            sink.finish().map_err(CallError::Broken)
+        }
         Ok(ReadBody::NotFound) => return Ok(None),
         Err(e) => Err(e),
     };
+    // A body refused on its way in is the body's fault, whatever the call
+    // made of the refusal.
+    if let Some(why) = refusal.reason() {
+        return Ok(rejected(session, why));
+    }
     let writer = match written {
         Ok(writer) => writer,
         Err(e) => {
@@ -174,15 +251,17 @@ pub(super) fn fetch(session: &Session, calls: &mut Calls<'_>, entry: &Entry) -> 
         }
     };
     match session.local.store.commit(writer, &entry.output_id, entry.size) {
-        Ok(path) => Ok(Some(path)),
-        Err(CommitError::Io(e)) => {
-            session.problems.report(Problem::Store, format!("local store: {e}"));
-            Ok(None)
+        Ok(path) => {
+            session.known.insert(entry.output_id, *stored);
+            Ok(Some(path))
         }
-        Err(e) => {
-            session.stats.rejected_bodies.add(1);
-            session.problems.report(Problem::Backend, format!("rejected a body from the plugin: {e}"));
-            Ok(None)
-        }
+        Err(CommitError::Io(e)) => store_failed(&e),
+        Err(e) => Ok(rejected(session, &e.to_string())),
     }
+}
+
+fn rejected(session: &Session, why: &str) -> Option<PathBuf> {
+    session.stats.rejected_bodies.add(1);
+    session.problems.report(Problem::Backend, format!("rejected a body from the plugin: {why}"));
+    None
 }

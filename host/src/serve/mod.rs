@@ -33,6 +33,7 @@ mod prefetch;
 mod problems;
 mod put;
 mod record;
+pub mod request_log;
 mod responder;
 pub mod stages;
 mod workers;
@@ -40,14 +41,15 @@ mod workers;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, CallError, Digest};
+use crate::domain::Stored;
 use crate::local::LocalTier;
 use crate::local::store::TrimPolicy;
 use crate::protocol::{Command, DecodeError, Decoder, KNOWN_COMMANDS, Response, UNCACHED_COMMANDS};
@@ -55,9 +57,11 @@ use crate::stats::{Stats, Summary};
 use crate::trust::Trust;
 use breaker::Breaker;
 use problems::{Problem, Problems};
+use request_log::{Line, RequestLog};
 use responder::Responder;
 use workers::{Abandoned, Worker, Workers};
 
+pub use stages::Compression;
 pub use workers::ShutdownReport;
 
 pub struct Settings {
@@ -74,6 +78,10 @@ pub struct Settings {
     pub read_only: bool,
     /// Whose entries to use, and what to sign (see `trust`).
     pub trust: Trust,
+    /// How bodies going to the backend are compressed.
+    pub compression: Compression,
+    /// Where to log each request, if anywhere.
+    pub request_log: RequestLog,
 }
 
 /// How a session ended.
@@ -107,6 +115,11 @@ struct Session {
     threads: usize,
     read_only: bool,
     trust: Trust,
+    compression: Compression,
+    /// Time gets spent waiting on the backend, summed finer than the
+    /// milliseconds reported.
+    remote_wait_ns: AtomicU64,
+    log: RequestLog,
 }
 
 /// Serves one go command until it closes (or input ends or breaks), and
@@ -122,6 +135,8 @@ pub fn serve(
     let started = Instant::now();
     let threads = backend.instances();
     let prefetching = local.keeps_entries();
+    // Only a backend that keeps host data can say a body is compressed.
+    let compression = if backend.carries_host_data() { settings.compression } else { Compression::None };
     let session = Arc::new(Session {
         stats: Stats::default(),
         problems: Problems::new(backend.name()),
@@ -137,6 +152,9 @@ pub fn serve(
         threads,
         read_only: settings.read_only,
         trust: settings.trust,
+        compression,
+        remote_wait_ns: AtomicU64::new(0),
+        log: settings.request_log,
     });
     session.responder.send(&Response::capabilities(KNOWN_COMMANDS));
     if let Some(why) = session.backend.unavailable() {
@@ -171,8 +189,12 @@ pub fn serve(
     stats.plugin_restarts.add(shutdown.restarts);
     stats.plugin_stuck.add(shutdown.stuck as u64);
     stats.breaker_trips.add(session.breaker.trips());
-    stats.network_denials.add(session.backend.network_denials());
+    let network = session.backend.network();
+    stats.network_denials.add(network.denials);
+    stats.http_connections.add(network.http_connections);
+    stats.http_requests.add(network.http_requests);
     stats.plugin_ms.add(workers.busy().as_millis() as u64);
+    stats.remote_wait_ms.add(session.remote_wait_ns.load(Ordering::Relaxed) / 1_000_000);
     stats.wall_ms.add(started.elapsed().as_millis() as u64);
     let summary = Summary { plugin: session.backend.label().to_string(), counts: stats.counts() };
     // Before the answer to close: once it has that, the go command kills its
@@ -193,6 +215,7 @@ enum Next {
     Get {
         id: i64,
         action_id: Digest,
+        received: Instant,
     },
     Record(record::Recording),
     /// Answered already.
@@ -225,7 +248,7 @@ fn serve_requests(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Aba
             }
         };
         match next {
-            Next::Get { id, action_id } => get::answer(session, worker, id, action_id)?,
+            Next::Get { id, action_id, received } => get::answer(session, worker, id, action_id, received)?,
             Next::Record(recording) => record::record_or_queue(session, worker, recording)?,
             Next::Nothing => {}
         }
@@ -242,7 +265,7 @@ fn read_next(session: &Session, input: &mut Input) -> Result<Next, (Ending, Opti
         Err(e) => return Err((Ending::BadInput(e), None)),
     };
     match request.command {
-        Command::Get { action_id } => Ok(Next::Get { id: request.id, action_id }),
+        Command::Get { action_id } => Ok(Next::Get { id: request.id, action_id, received: Instant::now() }),
         Command::Put { action_id, output_id, body_size } => {
             put::receive(session, input, request.id, action_id, output_id, body_size)
                 .map_err(|e| (Ending::BadInput(e), None))
@@ -317,18 +340,19 @@ impl End {
     }
 }
 
-/// Bodies the backend is known to have (stored or supplied this session):
-/// never sent to it again.
+/// Bodies the backend is known to have (stored or supplied this session),
+/// by output id, and how it stores each: never sent to it again, and what
+/// an entry for that output says.
 #[derive(Default)]
-struct KnownBodies(Mutex<HashSet<Digest>>);
+struct KnownBodies(Mutex<HashMap<Digest, Stored>>);
 
 impl KnownBodies {
-    fn insert(&self, output_id: Digest) {
-        self.0.lock().unwrap().insert(output_id);
+    fn insert(&self, output_id: Digest, stored: Stored) {
+        self.0.lock().unwrap().insert(output_id, stored);
     }
 
-    fn contains(&self, output_id: &Digest) -> bool {
-        self.0.lock().unwrap().contains(output_id)
+    fn get(&self, output_id: &Digest) -> Option<Stored> {
+        self.0.lock().unwrap().get(output_id).copied()
     }
 }
 
@@ -375,6 +399,13 @@ impl Session {
              (untrusted_entries in --stats-json)"
                 .into(),
         );
+    }
+
+    /// Writes a line to the request log, saying once if that fails.
+    fn log_line(&self, line: &Line) {
+        if let Err(e) = self.log.write(line) {
+            self.problems.report(Problem::Store, e);
+        }
     }
 
     /// No instance could be started for a piece of work.

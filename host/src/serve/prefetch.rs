@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use sha2::{Digest as _, Sha256};
 
 use super::get::{fetch, find_entry};
+use super::record::send_body;
 use super::stages;
 use super::workers::{Abandoned, Calls, Worker};
 use super::{Problem, Session};
@@ -133,12 +134,12 @@ fn read_manifest(session: &Session, calls: &mut Calls<'_>, key: &Digest) -> Opti
     // Nor does a lookup that worked tell the breaker anything: it is part of
     // a get whose own outcome counts (a backend whose entries answer and whose
     // bodies stall must still be paused).
-    let entry = found.filter(|e| e.size <= manifest::MAX_BYTES)?;
+    let (entry, stored) = found.filter(|(e, _)| e.size <= manifest::MAX_BYTES)?;
     let path = match session.local.body(&entry) {
         Some(path) => path,
-        None => fetch(session, calls, &entry).ok()??,
+        None => fetch(session, calls, &entry, &stored).ok()??,
     };
-    session.known.insert(entry.output_id);
+    session.known.insert(entry.output_id, stored);
     // Verified by hash on the way in; anything else in it is not a manifest.
     manifest::decode(&fs::read(path).ok()?)
 }
@@ -169,7 +170,7 @@ pub(super) fn run_if_due(session: &Arc<Session>, worker: &mut Worker) -> Result<
 /// body the backend no longer has is skipped: the manifest may be older than
 /// the remote's eviction.
 fn bring_in(session: &Arc<Session>, worker: &mut Worker, item: Item) -> Result<(), Abandoned> {
-    let Item { action, entry, body } = item;
+    let Item { action, entry, stored, body } = item;
     if session.local.body(&entry).is_some() {
         if !session.local.has_entry(&action) {
             session.remember(&action, &entry);
@@ -197,11 +198,17 @@ fn bring_in(session: &Arc<Session>, worker: &mut Worker, item: Item) -> Result<(
         return Ok(());
     }
     worker.work(session.on_stuck(), |calls| {
-        if let Some(calls) = calls
-            && let Ok(Some(_)) = fetch(session, calls, &entry)
-        {
+        let Some(calls) = calls else { return };
+        // Listed without how its body is stored: its entry says.
+        let stored = match stored {
+            Some(stored) => stored,
+            None => match find_entry(session, calls, &action) {
+                Ok(Some((found, stored))) if found == entry => stored,
+                _ => return,
+            },
+        };
+        if let Ok(Some(_)) = fetch(session, calls, &entry, &stored) {
             session.stats.prefetched.add(1);
-            session.known.insert(entry.output_id);
             session.remember(&action, &entry);
         }
     })
@@ -216,34 +223,29 @@ pub(super) fn leave_manifest(session: &Arc<Session>, worker: &mut Worker) -> Res
     }
     let found = session.prefetch.found.load(Ordering::SeqCst);
     let small_body = |entry: &Entry| fs::read(session.local.body(entry)?).ok();
-    let Some(to_write) = session.prefetch.recorder.as_ref().and_then(|r| r.finish(found, small_body)) else {
+    let stored_as = |entry: &Entry| session.known.get(&entry.output_id);
+    let Some(to_write) = session.prefetch.recorder.as_ref().and_then(|r| r.finish(found, small_body, stored_as)) else {
         return Ok(());
     };
     let output_id: Digest = Sha256::digest(&to_write.bytes).into();
-    let size = to_write.bytes.len() as u64;
     // Through the local store like any body: bodies leave from stored files.
-    let stored = session.local.store.keep(&to_write.bytes, &output_id);
-    let file = match stored.map_err(|e| e.to_string()).and_then(|path| fs::File::open(path).map_err(|e| e.to_string()))
-    {
-        Ok(file) => file,
-        Err(e) => {
-            session.problems.report(Problem::Store, format!("local store: keeping the session's manifest: {e}"));
-            return Ok(());
-        }
-    };
-    let entry = Entry { output_id, size, put_time_ns: now_ns() };
+    if let Err(e) = session.local.store.keep(&to_write.bytes, &output_id) {
+        session.problems.report(Problem::Store, format!("local store: keeping the session's manifest: {e}"));
+        return Ok(());
+    }
+    let entry = Entry { output_id, size: to_write.bytes.len() as u64, put_time_ns: now_ns() };
     worker.work(session.on_stuck(), |calls| {
         let Some(calls) = calls else { return };
-        if !session.known.contains(&output_id) {
-            let source = stages::body_out(file, calls.progress());
-            if let Err(e) = calls.write_body(&output_id, size, source) {
-                session.backend_failed(&e);
-                return;
-            }
-        }
+        let stored = match session.known.get(&output_id) {
+            Some(stored) => stored,
+            None => match send_body(session, calls, &entry) {
+                Some(stored) => stored,
+                None => return,
+            },
+        };
         for key in &to_write.keys {
-            let (at, stored) = stages::entry_out(&session.trust, &manifest::pointer_key(key), &entry);
-            if let Err(e) = calls.write_entry(&at, &stored) {
+            let (at, sealed) = stages::entry_out(&session.trust, &manifest::pointer_key(key), &entry, &stored);
+            if let Err(e) = calls.write_entry(&at, &sealed) {
                 session.backend_failed(&e);
                 return;
             }

@@ -10,8 +10,10 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use super::record::Recording;
+use super::request_log::Line;
 use super::{Input, Next, Problem, Session, path_string};
 use crate::domain::{Digest, Entry, now_ns};
 use crate::local::store::CommitError;
@@ -27,6 +29,7 @@ pub(super) fn receive(
     output_id: Digest,
     size: u64,
 ) -> Result<Next, DecodeError> {
+    let received = Instant::now();
     session.stats.puts.add(1);
     session.stats.put_bytes.add(size);
     let stored = match session.local.store.lookup(&output_id, size) {
@@ -47,11 +50,13 @@ pub(super) fn receive(
         Stored::Failed(message) => {
             session.stats.put_failures.add(1);
             session.responder.send(&Response::error(id, message));
+            log(session, id, &action_id, &output_id, size, "error", received);
             return Ok(Next::Nothing);
         }
     };
     let entry = Entry { output_id, size, put_time_ns: now_ns() };
     session.responder.send(&Response { id, disk_path: Some(path_string(path)), ..Default::default() });
+    log(session, id, &action_id, &output_id, size, "stored", received);
     session.remember(&action_id, &entry);
     session.prefetch.note_put(&action_id, &entry);
     // Not `allows`: a probe is let through when the put is recorded.
@@ -60,7 +65,24 @@ pub(super) fn receive(
         return Ok(Next::Nothing);
     }
     session.local.pend(&action_id, &entry);
-    Ok(Next::Record(Recording { action_id, entry }))
+    Ok(Next::Record(Recording { action_id, entry, seq: session.backlog.next_seq() }))
+}
+
+/// A put's line in the request log.
+fn log(
+    session: &Session,
+    id: i64,
+    action_id: &Digest,
+    output_id: &Digest,
+    size: u64,
+    result: &'static str,
+    received: Instant,
+) {
+    if session.log.is_on() {
+        let mut line = Line::new("put", action_id, result, received);
+        (line.id, line.output, line.size) = (Some(id), Some(hex::encode(output_id)), Some(size));
+        session.log_line(&line);
+    }
 }
 
 /// What became of a put's body.

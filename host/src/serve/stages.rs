@@ -6,29 +6,38 @@
 //! A body coming in (backend -> local store), as the backend writes it:
 //!   1. counted: the bytes that arrive are what earns the call its time
 //!      (`backend::deadline`);
-//!   2. held to the size its entry announced: one byte more and the body is
-//!      refused;
-//!   3. written into the local store's writer, which hashes it: only a body
+//!   2. held to the size its entry says it is stored with: one byte more and
+//!      the body is refused;
+//!   3. decompressed, if its entry says it is stored compressed, and held
+//!      to the size the go command's entry announced;
+//!   4. written into the local store's writer, which hashes it: only a body
 //!      that hashes to its output id is ever kept (`local::store`).
 //!
 //! A body going out (local store -> backend): read from the stored file,
-//! already verified when it was stored, and counted.
+//! already verified when it was stored; compressed with zstd when the
+//! session compresses and that saves at least a tenth, and then stored under
+//! the hash of the compressed bytes; counted.
 //!
 //! An entry coming in, found where the keys this session trusts write it
-//! (see `trust`): refused if it claims a size no Go output has, then, when
+//! (see `trust`): its host data read (`host_data`: how the body is stored,
+//! the signature), refused if it claims a size no Go output has, then, when
 //! keys are trusted, used only if the key it was looked up for signed exactly
-//! it.
+//! it and how its body is stored.
 //! An entry going out: sealed, that is written where this session's key
-//! writes, with its signature as host data (as it is, without a key).
+//! writes, with how its body is stored and its signature as host data.
 //!
 //! It must never let a byte reach the local store other than through the
 //! store's verifying writer.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::backend::{CallError, Progress, StoredEntry};
-use crate::domain::{Digest, Entry};
+use crate::domain::{Digest, Entry, Stored};
+use crate::host_data;
 use crate::local::store::BodyWriter;
 use crate::trust::{Lookup, Trust};
 
@@ -36,76 +45,239 @@ use crate::trust::{Lookup, Trust};
 /// claim far beyond that is a broken backend, not a cache entry.
 pub const MAX_BODY: u64 = 64 << 30;
 
+/// Bodies smaller than this go as they are: compressing them saves less than
+/// the bytes of the record that would say so.
+const MIN_TO_COMPRESS: u64 = 512;
+/// A compressed body is kept in memory up to this size, beyond in a file.
+const SPOOL_IN_MEMORY: usize = 8 << 20;
+
+/// Whether and how bodies going to the backend are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// zstd at this level.
+    Zstd(i32),
+}
+
+/// Why a body coming in was refused, once it was: set by the sink, read by
+/// whoever handed the sink to the backend (the backend's call may well fail
+/// because of it, and that failure is not the backend's outage).
+#[derive(Clone, Default)]
+pub struct Refusal(Arc<OnceLock<String>>);
+
+impl Refusal {
+    pub fn reason(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    fn refuse(&self, why: String) -> io::Error {
+        let _ = self.0.set(why);
+        io::Error::other(self.0.get().cloned().unwrap_or_default())
+    }
+}
+
+/// A writer that refuses to take more than `limit` bytes.
+struct Held<W> {
+    inner: W,
+    limit: u64,
+    written: u64,
+    refusal: Refusal,
+    what: &'static str,
+}
+
+impl<W: Write> Write for Held<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.written + bytes.len() as u64 > self.limit {
+            return Err(self.refusal.refuse(format!("{} more than the {} bytes it should be", self.what, self.limit)));
+        }
+        let n = self.inner.write(bytes)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Target {
+    AsIs(Held<BodyWriter>),
+    Zstd(zstd::stream::write::Decoder<'static, Held<BodyWriter>>),
+}
+
 /// Where a backend writes a body it supplies.
 pub struct BodySink {
     /// Boxed: the writer holds the hash state, and a sink travels by value.
-    store: Box<BodyWriter>,
-    size: u64,
-    written: u64,
+    target: Box<Held<Target>>,
     progress: Progress,
-    /// Why it refused bytes, once it did: later writes fail the same way.
-    refused: Option<String>,
+    refusal: Refusal,
 }
 
-/// The way in for a body of `size` bytes, into the store's `writer`, its
-/// bytes counted into `progress`.
-pub fn body_in(writer: BodyWriter, size: u64, progress: &Progress) -> BodySink {
-    BodySink { store: Box::new(writer), size, written: 0, progress: progress.clone(), refused: None }
+/// The way in for the body of `entry`, stored as `stored`, into the store's
+/// `writer`, its bytes counted into `progress`; and what will say why, if it
+/// is refused. Fails only if zstd cannot start (out of memory).
+pub fn body_in(
+    writer: BodyWriter,
+    entry: &Entry,
+    stored: &Stored,
+    progress: &Progress,
+) -> io::Result<(BodySink, Refusal)> {
+    let refusal = Refusal::default();
+    let decompressed =
+        Held { inner: writer, limit: entry.size, written: 0, refusal: refusal.clone(), what: "the body is" };
+    let (target, stored_size) = match stored {
+        Stored::AsIs => (Target::AsIs(decompressed), entry.size),
+        Stored::Zstd { size, .. } => (Target::Zstd(zstd::stream::write::Decoder::new(decompressed)?), *size),
+    };
+    let target = Box::new(Held {
+        inner: target,
+        limit: stored_size,
+        written: 0,
+        refusal: refusal.clone(),
+        what: "the backend wrote",
+    });
+    Ok((BodySink { target, progress: progress.clone(), refusal: refusal.clone() }, refusal))
 }
 
 impl BodySink {
     /// The store's writer, holding the whole body, for the store to verify and
     /// keep; or why the body was refused.
-    pub fn finish(self) -> Result<BodyWriter, CallError> {
-        match self.refused {
-            Some(why) => Err(CallError::Broken(why)),
-            None => Ok(*self.store),
+    pub fn finish(self) -> Result<BodyWriter, String> {
+        if let Some(why) = self.refusal.reason() {
+            return Err(why.to_string());
+        }
+        match self.target.inner {
+            Target::AsIs(held) => Ok(held.inner),
+            Target::Zstd(mut decoder) => match decoder.flush() {
+                Ok(()) => Ok(decoder.into_inner().inner),
+                Err(e) => {
+                    let why = format!("the body did not decompress: {e}");
+                    let _ = self.refusal.refuse(why.clone());
+                    Err(why)
+                }
+            },
+        }
+    }
+
+    /// Bytes the backend wrote, as it stores them.
+    pub fn received(&self) -> u64 {
+        self.target.written
+    }
+}
+
+impl Write for Target {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Target::AsIs(held) => held.write(bytes),
+            Target::Zstd(decoder) => decoder.write(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Target::AsIs(held) => held.flush(),
+            Target::Zstd(decoder) => decoder.flush(),
         }
     }
 }
 
 impl Write for BodySink {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        if let Some(why) = &self.refused {
-            return Err(io::Error::other(why.clone()));
+        if let Some(why) = self.refusal.reason() {
+            return Err(io::Error::other(why.to_string()));
         }
         self.progress.add(bytes.len());
-        if self.written + bytes.len() as u64 > self.size {
-            let why = format!("the backend wrote more than the {} bytes of the body", self.size);
-            self.refused = Some(why.clone());
-            return Err(io::Error::other(why));
+        match self.target.write_all(bytes) {
+            Ok(()) => Ok(bytes.len()),
+            Err(e) => {
+                // A refusal was recorded by the writer that refused; anything
+                // else is the compressed stream's or the store's failure.
+                let why = match self.refusal.reason() {
+                    Some(why) => why.to_string(),
+                    None if matches!(&self.target.inner, Target::Zstd(_)) => {
+                        format!("the body did not decompress: {e}")
+                    }
+                    None => format!("storing the body: {e}"),
+                };
+                Err(self.refusal.refuse(why))
+            }
         }
-        if let Err(e) = self.store.write_all(bytes) {
-            self.refused = Some(format!("storing the body: {e}"));
-            return Err(e);
-        }
-        self.written += bytes.len() as u64;
-        Ok(bytes.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.store.flush()
+        self.target.flush()
     }
 }
 
 /// Where a backend reads a body it is given.
 pub struct BodySource {
-    file: File,
+    reader: Box<dyn Read + Send>,
     progress: Progress,
-}
-
-/// The way out for a stored body, read from `file`, its bytes counted into
-/// `progress`.
-pub fn body_out(file: File, progress: &Progress) -> BodySource {
-    BodySource { file, progress: progress.clone() }
 }
 
 impl Read for BodySource {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read(buf)?;
+        let n = self.reader.read(buf)?;
         self.progress.add(n);
         Ok(n)
     }
+}
+
+/// The way out for the body of `entry`, read from its stored `file`:
+/// compressed when that is asked and worth it. Says how it is stored (the
+/// id and size to give the backend), with the bytes, counted into
+/// `progress` as they are read.
+pub fn body_out(
+    mut file: File,
+    entry: &Entry,
+    compression: Compression,
+    progress: &Progress,
+) -> io::Result<(Stored, BodySource)> {
+    let source = |reader| BodySource { reader, progress: progress.clone() };
+    if let Compression::Zstd(level) = compression
+        && entry.size >= MIN_TO_COMPRESS
+    {
+        let (id, size, mut compressed) = compress(&mut file, entry.size, level)?;
+        // Kept only if it saves a tenth: otherwise every reader pays the
+        // decompression for nothing.
+        if size <= entry.size - entry.size / 10 {
+            compressed.rewind()?;
+            return Ok((Stored::Zstd { id, size }, source(Box::new(compressed))));
+        }
+        file.rewind()?;
+    }
+    Ok((Stored::AsIs, source(Box::new(file))))
+}
+
+/// The first `size` bytes of `file`, compressed: their hash, their size and
+/// where they are.
+fn compress(file: &mut File, size: u64, level: i32) -> io::Result<(Digest, u64, tempfile::SpooledTempFile)> {
+    struct Hashing<W> {
+        inner: W,
+        hash: Sha256,
+        len: u64,
+    }
+    impl<W: Write> Write for Hashing<W> {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let n = self.inner.write(bytes)?;
+            self.hash.update(&bytes[..n]);
+            self.len += n as u64;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    let out = Hashing { inner: tempfile::spooled_tempfile(SPOOL_IN_MEMORY), hash: Sha256::new(), len: 0 };
+    let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
+    // The size in the frame lets a reader size its buffers; the checksum is
+    // left out, since the host checks SHA-256 of every body anyway.
+    encoder.set_pledged_src_size(Some(size))?;
+    encoder.include_contentsize(true)?;
+    encoder.include_checksum(false)?;
+    io::copy(&mut Read::by_ref(file).take(size), &mut encoder)?;
+    let out = encoder.finish()?;
+    Ok((out.hash.finalize().into(), out.len, out.inner))
 }
 
 /// Why an entry from the backend is not used.
@@ -114,6 +286,9 @@ pub enum Refused {
     Broken(CallError),
     /// Not signed by the key it was looked up for.
     Untrusted,
+    /// Its host data is in a format this version does not read (a newer
+    /// gocp wrote it): a miss, and nobody's fault.
+    Unreadable,
 }
 
 /// Where to look up the entry of `action_id`, in order.
@@ -121,21 +296,34 @@ pub fn entry_lookups<'a>(trust: &'a Trust, action_id: &Digest) -> Vec<Lookup<'a>
     trust.lookups(action_id)
 }
 
-/// An entry the backend returned for `lookup`, as the core may use it.
-pub fn entry_in(trust: &Trust, lookup: &Lookup<'_>, action_id: &Digest, stored: StoredEntry) -> Result<Entry, Refused> {
+/// An entry the backend returned for `lookup`, as the core may use it, and
+/// how its body is stored.
+pub fn entry_in(
+    trust: &Trust,
+    lookup: &Lookup<'_>,
+    action_id: &Digest,
+    stored: StoredEntry,
+) -> Result<(Entry, Stored), Refused> {
     let StoredEntry { entry, host_data } = stored;
     if entry.size > MAX_BODY {
         return Err(Refused::Broken(CallError::Broken(format!("read-entry claims a body of {} bytes", entry.size))));
     }
-    if !trust.accepts(lookup, action_id, &entry, &host_data) {
+    let parsed = host_data::decode(&host_data).map_err(|_| Refused::Unreadable)?;
+    if !trust.accepts(lookup, action_id, &entry, &parsed) {
         return Err(Refused::Untrusted);
     }
-    Ok(entry)
+    if let Stored::Zstd { size, .. } = parsed.stored
+        && size > MAX_BODY
+    {
+        return Err(Refused::Broken(CallError::Broken(format!("an entry claims a stored body of {size} bytes"))));
+    }
+    Ok((entry, parsed.stored))
 }
 
-/// The entry of `action_id` as the backend is given it, and under which key.
-pub fn entry_out(trust: &Trust, action_id: &Digest, entry: &Entry) -> (Digest, StoredEntry) {
-    let (key, host_data) = trust.seal(action_id, entry);
+/// The entry of `action_id`, whose body is `stored` so, as the backend is
+/// given it, and under which key.
+pub fn entry_out(trust: &Trust, action_id: &Digest, entry: &Entry, stored: &Stored) -> (Digest, StoredEntry) {
+    let (key, host_data) = trust.seal(action_id, entry, host_data::encode(stored));
     (key, StoredEntry { entry: *entry, host_data })
 }
 
@@ -144,23 +332,135 @@ mod tests {
     use super::*;
     use crate::local::store::Store;
 
+    fn sha(bytes: &[u8]) -> Digest {
+        Sha256::digest(bytes).into()
+    }
+
+    fn entry_of(body: &[u8]) -> Entry {
+        Entry { output_id: sha(body), size: body.len() as u64, put_time_ns: 1 }
+    }
+
     #[test]
     fn a_body_is_held_to_its_size_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let progress = Progress::default();
-        let mut sink = body_in(store.begin().unwrap(), 4, &progress);
+        let entry = entry_of(b"abcd");
+        let (mut sink, refusal) = body_in(store.begin().unwrap(), &entry, &Stored::AsIs, &progress).unwrap();
         sink.write_all(b"abc").unwrap();
         assert!(sink.write_all(b"de").is_err(), "one byte too many");
         assert!(sink.write_all(b"d").is_err(), "and nothing after that");
         assert_eq!(progress.moved(), 5, "what arrived before the refusal counts for time");
-        assert!(matches!(sink.finish(), Err(CallError::Broken(_))));
+        assert!(sink.finish().is_err());
+        assert!(refusal.reason().unwrap().contains("more than the 4 bytes"), "{:?}", refusal.reason());
 
-        let mut sink = body_in(store.begin().unwrap(), 4, &progress);
+        let (mut sink, refusal) = body_in(store.begin().unwrap(), &entry, &Stored::AsIs, &progress).unwrap();
         sink.write_all(b"abcd").unwrap();
+        assert_eq!(sink.received(), 4);
         let writer = sink.finish().unwrap();
-        let id = sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), b"abcd")).into();
-        assert!(store.commit(writer, &id, 4).is_ok());
+        assert!(refusal.reason().is_none());
+        assert!(store.commit(writer, &entry.output_id, 4).is_ok());
+    }
+
+    /// A body as `body_out` sends it, and how it is stored.
+    fn sent(body: &[u8], compression: Compression) -> (Stored, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("body");
+        std::fs::write(&path, body).unwrap();
+        let progress = Progress::default();
+        let (stored, mut source) =
+            body_out(File::open(&path).unwrap(), &entry_of(body), compression, &progress).unwrap();
+        let mut bytes = Vec::new();
+        source.read_to_end(&mut bytes).unwrap();
+        assert_eq!(progress.moved(), bytes.len() as u64);
+        (stored, bytes)
+    }
+
+    #[test]
+    fn bodies_go_compressed_under_the_hash_of_what_is_sent_and_come_back_whole() {
+        let body: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let (stored, bytes) = sent(&body, Compression::Zstd(3));
+        assert_eq!(stored, Stored::Zstd { id: sha(&bytes), size: bytes.len() as u64 });
+        assert!(bytes.len() < body.len() / 4, "{} bytes from {}", bytes.len(), body.len());
+        assert_eq!(stored.key(&entry_of(&body)), (sha(&bytes), bytes.len() as u64));
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (mut sink, refusal) =
+            body_in(store.begin().unwrap(), &entry_of(&body), &stored, &Progress::default()).unwrap();
+        for chunk in bytes.chunks(1000) {
+            sink.write_all(chunk).unwrap();
+        }
+        assert_eq!(sink.received(), bytes.len() as u64);
+        let writer = sink.finish().unwrap();
+        assert!(refusal.reason().is_none());
+        let path = store.commit(writer, &sha(&body), body.len() as u64).unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), body);
+    }
+
+    #[test]
+    fn what_compression_would_not_shrink_goes_as_it_is() {
+        // xorshift: bytes with nothing for zstd to find.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let random: Vec<u8> = (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let (stored, bytes) = sent(&random, Compression::Zstd(3));
+        assert_eq!(stored, Stored::AsIs);
+        assert!(bytes == random, "sent as it is");
+        let tiny = b"tiny, and repetitive: tiny tiny tiny";
+        assert_eq!(sent(tiny, Compression::Zstd(3)), (Stored::AsIs, tiny.to_vec()));
+        let text = "go build output ".repeat(1000).into_bytes();
+        let (stored, bytes) = sent(&text, Compression::None);
+        assert!(stored == Stored::AsIs && bytes == text, "not compressed when not asked");
+    }
+
+    #[test]
+    fn a_compressed_body_that_is_damaged_or_too_large_is_refused() {
+        let body = "package main\n".repeat(5000).into_bytes();
+        let (stored, bytes) = sent(&body, Compression::Zstd(3));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let receive = |bytes: &[u8], entry: &Entry| {
+            let (mut sink, refusal) = body_in(store.begin().unwrap(), entry, &stored, &Progress::default()).unwrap();
+            let written = sink.write_all(bytes);
+            let finished = sink.finish();
+            (written.is_ok() && finished.is_ok(), refusal.reason().map(str::to_string))
+        };
+        let mut damaged = bytes.clone();
+        damaged[bytes.len() / 2] ^= 0xff;
+        damaged[4] ^= 0xff;
+        let (ok, why) = receive(&damaged, &entry_of(&body));
+        assert!(!ok && why.is_some(), "damaged: {why:?}");
+
+        // The frame says more than the entry: never decompressed past it.
+        let short = Entry { size: body.len() as u64 / 2, ..entry_of(&body) };
+        let (ok, why) = receive(&bytes, &short);
+        assert!(!ok, "a bomb is stopped at the entry's size");
+        assert!(why.unwrap().contains("more than the"));
+
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let (ok, why) = receive(&longer, &entry_of(&body));
+        assert!(!ok && why.unwrap().contains("backend wrote more"), "held to the stored size");
+    }
+
+    #[test]
+    fn how_a_body_is_stored_travels_with_its_entry() {
+        let trust = Trust::default();
+        let lookup = &entry_lookups(&trust, &[3; 32])[0];
+        let stored = Stored::Zstd { id: [4; 32], size: 77 };
+        let (key, out) = entry_out(&trust, &[3; 32], &entry_of(b"x"), &stored);
+        assert_eq!(key, [3; 32]);
+        let Ok((entry, back)) = entry_in(&trust, lookup, &[3; 32], out) else { panic!("refused") };
+        assert_eq!((entry, back), (entry_of(b"x"), stored));
+        let unknown = StoredEntry { entry: entry_of(b"x"), host_data: vec![b'q', 0] };
+        assert!(matches!(entry_in(&trust, lookup, &[3; 32], unknown), Err(Refused::Unreadable)));
     }
 
     #[test]

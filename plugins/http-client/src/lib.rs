@@ -374,7 +374,9 @@ fn describe(e: &ErrorCode, url: &Url, timeout: Duration) -> String {
             p.rcode.clone().or(p.info_code.map(|c| c.to_string())).unwrap_or_else(|| "no detail".into())
         ),
         ErrorCode::DestinationNotFound | ErrorCode::DestinationUnavailable => format!("{authority} cannot be reached"),
-        ErrorCode::TlsCertificateError => format!("the TLS certificate of {authority} was not accepted"),
+        ErrorCode::TlsCertificateError => format!(
+            "the TLS certificate of {authority} is not trusted here (if a private CA signed it, give gocp-host its certificate with --ca-file FILE)"
+        ),
         ErrorCode::TlsProtocolError | ErrorCode::TlsAlertReceived(_) => {
             format!("TLS with {authority} failed: {e:?}")
         }

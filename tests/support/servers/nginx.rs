@@ -7,7 +7,7 @@
 //! anything outside its temporary directory or listen anywhere but 127.0.0.1.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{Process, http_backend};
@@ -28,18 +28,24 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx on a free port and waits until it accepts connections.
     pub fn start() -> Nginx {
-        Nginx::start_with("")
+        Nginx::start_with("", None)
     }
 
     /// The same, serving reads to anyone: only writes need the password,
     /// as a cache that forks' jobs read without secrets is set up.
     pub fn start_public_reads() -> Nginx {
-        Nginx::start_with("limit_except GET HEAD")
+        Nginx::start_with("limit_except GET HEAD", None)
+    }
+
+    /// The same over HTTPS only, with the certificate and key (PEM files)
+    /// given.
+    pub fn start_tls(certificate: &Path, key: &Path) -> Nginx {
+        Nginx::start_with("", Some((certificate, key)))
     }
 
     /// `auth_scope`: the directive whose block the password applies in
-    /// (empty: every request).
-    fn start_with(auth_scope: &str) -> Nginx {
+    /// (empty: every request); `tls`: certificate and key, for HTTPS.
+    fn start_with(auth_scope: &str, tls: Option<(&Path, &Path)>) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let root = dir.path();
@@ -50,6 +56,12 @@ impl Nginx {
         let r = root.display();
         let auth = format!("auth_basic \"gocp cache\"; auth_basic_user_file {r}/htpasswd;");
         let auth = if auth_scope.is_empty() { auth } else { format!("{auth_scope} {{ {auth} }}") };
+        let (ssl, certificates) = match tls {
+            Some((certificate, key)) => {
+                (" ssl", format!("ssl_certificate {}; ssl_certificate_key {};", certificate.display(), key.display()))
+            }
+            None => ("", String::new()),
+        };
         // One process (master_process off): killing it stops the server whole,
         // and as root it needs no `user` to drop to.
         let conf = format!(
@@ -60,14 +72,16 @@ pid {r}/nginx.pid;
 error_log {r}/error.log info;
 events {{ worker_connections 512; }}
 http {{
-  access_log {r}/access.log;
+  log_format gocp '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent conn=$connection';
+  access_log {r}/access.log gocp;
   client_body_temp_path {r}/tmp/body;
   proxy_temp_path {r}/tmp/proxy;
   fastcgi_temp_path {r}/tmp/fastcgi;
   uwsgi_temp_path {r}/tmp/uwsgi;
   scgi_temp_path {r}/tmp/scgi;
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{ssl};
+    {certificates}
     root {r}/data;
     client_max_body_size 0;
     location / {{
@@ -103,7 +117,8 @@ http {{
         self.dir.path().join("data")
     }
 
-    /// Requests nginx served so far, one line each (method, path, status...).
+    /// Requests nginx served so far, one line each (method, path, status,
+    /// bytes, and `conn=N`: the connection it came on).
     pub fn access_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
