@@ -29,9 +29,10 @@ use support::*;
 /// on 2026-11-29 (`go list -m -versions golang.org/toolchain`).
 const TOOLCHAINS: [&str; 4] = ["go1.24.13", "go1.25.14", "go1.26.11", "go1.27.4"];
 
-/// The toolchain that runs every go command of the suite; each of the
-/// others runs the core of it (see [`toolchain`]).
-const EVERY_COMMAND_ON: &str = TOOLCHAINS[2];
+/// The toolchain of every case but the other toolchains' own (which run the
+/// core of the suite, see [`toolchain`]): pinned, so that what the suite
+/// checks does not depend on the go that happens to be on PATH.
+const MAIN_TOOLCHAIN: &str = TOOLCHAINS[2];
 
 /// Caddy: about 1,000 packages (50 of its own, 745 from 159 other modules,
 /// 230 of the standard library); a cold build takes about two minutes on a
@@ -205,7 +206,7 @@ fn write_linted_module(dir: &Path) {
             ),
         ],
     );
-    download(dir, "local", &["mod", "tidy"]);
+    download(dir, MAIN_TOOLCHAIN, &["mod", "tidy"]);
     backdate(dir);
 }
 
@@ -536,11 +537,11 @@ const TOOL_OUTPUT: &str = "{\"alpha\":0,\"beta\":1,\"gamma\":2} 3\n";
 fn go_build_install_run_tool_test_vet_list_and_cgo() {
     let _turn = one_at_a_time();
     require_go();
-    fetch_toolchain(EVERY_COMMAND_ON);
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let tmp = tempfile::tempdir().unwrap();
     let module = tmp.path().join("module");
     write_compat_module(&module);
-    let facts = compare(tmp.path(), EVERY_COMMAND_ON, |p, facts| {
+    let facts = compare(tmp.path(), MAIN_TOOLCHAIN, |p, facts| {
         p.go(&module, &["build", "-x", "./..."]);
         let bin = p.root.join("trimpath").join("tool");
         p.go(&module, &["build", "-x", "-trimpath", "-o", bin.to_str().unwrap(), "./cmd/tool"]);
@@ -597,11 +598,11 @@ fn go_build_install_run_tool_test_vet_list_and_cgo() {
 fn go_test_and_build_with_the_race_detector() {
     let _turn = one_at_a_time();
     require_go();
-    fetch_toolchain(EVERY_COMMAND_ON);
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let tmp = tempfile::tempdir().unwrap();
     let module = tmp.path().join("module");
     write_compat_module(&module);
-    let facts = compare(tmp.path(), EVERY_COMMAND_ON, |p, facts| {
+    let facts = compare(tmp.path(), MAIN_TOOLCHAIN, |p, facts| {
         let test = p.go(&module, &["test", "-x", "-race", "./..."]);
         facts.insert("go test -race".into(), steady_tests(&text(&test.stdout)));
         let bin = p.root.join("tool");
@@ -615,11 +616,11 @@ fn go_test_and_build_with_the_race_detector() {
 fn cross_builds_for_other_goos_and_goarch() {
     let _turn = one_at_a_time();
     require_go();
-    fetch_toolchain(EVERY_COMMAND_ON);
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let tmp = tempfile::tempdir().unwrap();
     let module = tmp.path().join("module");
     write_compat_module(&module);
-    compare(tmp.path(), EVERY_COMMAND_ON, |p, facts| {
+    compare(tmp.path(), MAIN_TOOLCHAIN, |p, facts| {
         for (goos, goarch) in [("windows", "amd64"), ("darwin", "arm64"), ("linux", "arm64")] {
             let bin = p.root.join(format!("{goos}-{goarch}"));
             let mut build =
@@ -686,11 +687,12 @@ fn toolchain_go1_27() {
 fn staticcheck_finds_the_same_through_gocp() {
     let _turn = one_at_a_time();
     require_go();
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let staticcheck = tool("staticcheck");
     let tmp = tempfile::tempdir().unwrap();
     let module = tmp.path().join("module");
     write_linted_module(&module);
-    let facts = compare(tmp.path(), "local", |p, facts| {
+    let facts = compare(tmp.path(), MAIN_TOOLCHAIN, |p, facts| {
         let mut lint = p.tool(&staticcheck, &module, &["./..."]);
         lint.env("STATICCHECK_CACHE", p.root.join("staticcheck"));
         let out = p.run(lint, 1);
@@ -705,11 +707,12 @@ fn staticcheck_finds_the_same_through_gocp() {
 fn golangci_lint_finds_the_same_through_gocp() {
     let _turn = one_at_a_time();
     require_go();
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let golangci_lint = tool("golangci-lint");
     let tmp = tempfile::tempdir().unwrap();
     let module = tmp.path().join("module");
     write_linted_module(&module);
-    let facts = compare(tmp.path(), "local", |p, facts| {
+    let facts = compare(tmp.path(), MAIN_TOOLCHAIN, |p, facts| {
         let mut lint = p.tool(&golangci_lint, &module, &["run", "--no-config", "./..."]);
         lint.env("GOLANGCI_LINT_CACHE", p.root.join("golangci-lint"));
         let out = p.run(lint, 1);
@@ -724,12 +727,13 @@ fn golangci_lint_finds_the_same_through_gocp() {
 fn gopls_go_list_calls_and_check_are_the_same_through_gocp() {
     let _turn = one_at_a_time();
     require_go();
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let gopls = tool("gopls");
     let go = on_path("go");
     let tmp = tempfile::tempdir().unwrap();
     let module = tmp.path().join("module");
     write_linted_module(&module);
-    let facts = compare(tmp.path(), "local", |p, facts| {
+    let facts = compare(tmp.path(), MAIN_TOOLCHAIN, |p, facts| {
         // gopls finds go on PATH: this one keeps each call's arguments and output.
         let calls = p.root.join("go-calls");
         fs::create_dir_all(&calls).unwrap();
@@ -812,8 +816,9 @@ fn copy_tree(from: &Path, to: &Path) {
 fn large_module_cold_on_one_machine_warm_on_another_through_redis() {
     let _turn = one_at_a_time();
     require_go();
+    fetch_toolchain(MAIN_TOOLCHAIN);
     let tmp = tempfile::tempdir().unwrap();
-    let fetched = download(tmp.path(), "local", &["mod", "download", "-json", LARGE_MODULE]);
+    let fetched = download(tmp.path(), MAIN_TOOLCHAIN, &["mod", "download", "-json", LARGE_MODULE]);
     let info: Value = serde_json::from_slice(&fetched.stdout).unwrap();
     let source = PathBuf::from(info["Dir"].as_str().expect("go mod download names the module's directory"));
     let (src_a, src_b, src_c) = (tmp.path().join("a/src"), tmp.path().join("b/checkout/src"), tmp.path().join("c/src"));
@@ -821,7 +826,7 @@ fn large_module_cold_on_one_machine_warm_on_another_through_redis() {
         copy_tree(&source, src);
     }
     // Its dependencies, into the module cache the builds then use offline.
-    download(&src_a, "local", &["list", "-deps", "./..."]);
+    download(&src_a, MAIN_TOOLCHAIN, &["list", "-deps", "./..."]);
 
     let redis = Redis::start();
     let backend = redis.backend();
@@ -829,7 +834,9 @@ fn large_module_cold_on_one_machine_warm_on_another_through_redis() {
     let c = tmp.path().join("c");
     let outputs = |root: &Path| format!("{}/", root.join("bin").display());
     let build = |mut cmd: Command, what: &str| {
-        cmd.env("GOPATH", gopath()).env("GOMODCACHE", gopath().join("pkg").join("mod"));
+        cmd.env("GOPATH", gopath())
+            .env("GOMODCACHE", gopath().join("pkg").join("mod"))
+            .env("GOTOOLCHAIN", MAIN_TOOLCHAIN);
         let started = Instant::now();
         let out = cmd.output_within(LARGE_BUILD_LIMIT);
         assert!(out.status.success(), "{what} failed:\n{}", text(&out.stderr));
@@ -861,7 +868,7 @@ fn large_module_cold_on_one_machine_warm_on_another_through_redis() {
 
     // The go command's own cache, from nothing, builds the same binaries.
     let out_c = outputs(&c);
-    let builtin = go_cmd(&src_c, &c.join("gocache"), None, "local", &build_everything(&out_c));
+    let builtin = go_cmd(&src_c, &c.join("gocache"), None, MAIN_TOOLCHAIN, &build_everything(&out_c));
     let (c_steps, c_time) = build(builtin, "the build with the builtin cache");
     assert_eq!(binaries, dir_hashes(&c.join("bin")), "gocp's binaries are the builtin cache's");
     eprintln!(

@@ -19,9 +19,10 @@ for line in "${PINNED[@]}"; do
   if [ -x "$bin" ] && [ "$(go version -m "$bin" 2>/dev/null | awk '$1 == "mod" { print $3 }')" = "$version" ]; then
     continue
   fi
-  # The suite's own GOPATH (its module cache is shared with the tests), the go
-  # on PATH, no cgo (static binaries, no C compiler needed).
-  if ! log=$(GOBIN="$TOOLS/bin" GOPATH="$TOOLS/go" GOFLAGS=-modcacherw GOTOOLCHAIN=local CGO_ENABLED=0 \
+  # The suite's own GOPATH (its module cache is shared with the tests); the go
+  # on PATH, or the toolchain a tool asks for when that go is older; no cgo
+  # (static binaries, no C compiler needed).
+  if ! log=$(GOBIN="$TOOLS/bin" GOPATH="$TOOLS/go" GOFLAGS=-modcacherw GOTOOLCHAIN=auto CGO_ENABLED=0 \
     GOPROXY=https://proxy.golang.org go install "$pkg@$version" 2>&1); then
     printf '%s\n' "$log" >&2
     echo "go-tools.sh: go install $pkg@$version failed" >&2
