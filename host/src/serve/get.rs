@@ -12,10 +12,12 @@
 //! It never answers a get twice, and never serves a body the local store did
 //! not verify.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::request_log::Line;
 use super::stages::{self, Refused};
@@ -69,6 +71,21 @@ fn respond(
         log(session, id, &action_id, received, Some(&entry), "local", 0);
         return Ok(());
     }
+    // Listed by the session's manifest: its body may be here already (another
+    // action's output, or brought in meanwhile), else it is fetched without a
+    // lookup first.
+    let listed = session.prefetch.listed(&action_id);
+    if let Some((entry, _)) = listed
+        && let Some(path) = session.local.body(&entry)
+    {
+        session.stats.hits_local.add(1);
+        session.responder.send(&hit(session, id, &entry, path));
+        session.remember(&action_id, &entry);
+        session.prefetch.note_used(&action_id, &entry);
+        log(session, id, &action_id, received, Some(&entry), "local", 0);
+        return Ok(());
+    }
+    let listed = listed.and_then(|(entry, stored)| Some((entry, stored?)));
     if !session.breaker.allows() {
         session.stats.skipped_while_paused.add(1);
         session.respond_miss(id);
@@ -90,7 +107,7 @@ fn respond(
     };
     let asked = Instant::now();
     let looked = worker.work(on_stuck, |calls| match calls {
-        Some(calls) => look_up(session, calls, &action_id),
+        Some(calls) => look_up(session, calls, &action_id, listed),
         None => {
             session.no_instance();
             Looked::Failed
@@ -142,11 +159,16 @@ fn log(
     session.log_line(&line);
 }
 
-/// The entry and the stored body for `action_id` through the backend. An
-/// entry that answers followed by a body that fails is a failure: a backend
-/// whose bodies stall must be paused too.
-fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest) -> Looked {
-    let (entry, stored) = match find_entry(session, calls, action_id) {
+/// The entry and the stored body for `action_id` through the backend (the
+/// entry only if the manifest did not list it). An entry that answers
+/// followed by a body that fails is a failure: a backend whose bodies stall
+/// must be paused too.
+fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, listed: Option<(Entry, Stored)>) -> Looked {
+    let found = match listed {
+        Some(listed) => Ok(Some(listed)),
+        None => find_entry(session, calls, action_id),
+    };
+    let (entry, stored) = match found {
         Ok(Some(found)) => found,
         Ok(None) => {
             session.breaker.success();
@@ -224,6 +246,12 @@ pub(super) fn fetch(
         session.problems.report(Problem::Store, format!("local store: {e}"));
         Ok(None)
     };
+    // Another thread fetching the same body (a get and the prefetcher, or
+    // two actions with one output): wait for it rather than fetch it twice.
+    let Some(_fetching) = session.fetches.claim(&entry.output_id) else {
+        session.fetches.wait(&entry.output_id, session.call_timeout);
+        return Ok(session.local.body(entry));
+    };
     let (sink, refusal) =
         match session.local.store.begin().and_then(|w| stages::body_in(w, entry, stored, calls.progress())) {
             Ok(sink) => sink,
@@ -257,6 +285,40 @@ pub(super) fn fetch(
         }
         Err(CommitError::Io(e)) => store_failed(&e),
         Err(e) => Ok(rejected(session, &e.to_string())),
+    }
+}
+
+/// Bodies being fetched now, by output id.
+#[derive(Default)]
+pub(super) struct Fetches {
+    now: Mutex<HashSet<Digest>>,
+    done: Condvar,
+}
+
+/// A fetch claimed; released when dropped, however the fetch ends.
+pub(super) struct Fetching<'a> {
+    fetches: &'a Fetches,
+    output_id: Digest,
+}
+
+impl Fetches {
+    /// Claims the fetch of `output_id`; `None` if another thread has it.
+    fn claim(&self, output_id: &Digest) -> Option<Fetching<'_>> {
+        let claimed = self.now.lock().unwrap().insert(*output_id);
+        claimed.then(|| Fetching { fetches: self, output_id: *output_id })
+    }
+
+    /// Waits until nobody is fetching `output_id`, at most `limit`.
+    fn wait(&self, output_id: &Digest, limit: Duration) {
+        let now = self.now.lock().unwrap();
+        let _ = self.done.wait_timeout_while(now, limit, |now| now.contains(output_id));
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.fetches.now.lock().unwrap().remove(&self.output_id);
+        self.fetches.done.notify_all();
     }
 }
 

@@ -111,6 +111,9 @@ struct Session {
     backlog: record::Backlog,
     prefetch: prefetch::Prefetch,
     known: KnownBodies,
+    fetches: get::Fetches,
+    /// How long one backend call may take, before what its bytes earn.
+    call_timeout: Duration,
     /// Serving threads: what `record` and `prefetch` must leave free.
     threads: usize,
     read_only: bool,
@@ -147,6 +150,8 @@ pub fn serve(
         backlog: record::Backlog::new(threads, backend.stores_bodies()),
         prefetch: prefetch::Prefetch::new(prefetching, threads),
         known: KnownBodies::default(),
+        fetches: get::Fetches::default(),
+        call_timeout: settings.call_timeout,
         local,
         backend,
         threads,

@@ -4,11 +4,12 @@
 //!
 //! Each of a session's first distinct gets, once answered, looks for a
 //! manifest under a key derived from it; the first one found queues what it
-//! lists. After answering a request, a thread takes a prefetching slot (at
-//! most half the threads, and always leaving two to read requests) and brings
-//! listed outputs in until the list is done or the session ends: small ones
-//! from the manifest itself, the others through the backend, each verified
-//! and stored like any fetched body. At close, after the backlog is recorded,
+//! lists (those carried in it first), and keeps what it says of each action,
+//! so that a get for a listed action needs no lookup of its own. After
+//! answering a request, a thread takes a prefetching slot (as many threads as
+//! leave two to read requests) and brings listed outputs in until the list is
+//! done or the session ends: small ones from the manifest itself, the others
+//! through the backend, each verified and stored like any fetched body. At close, after the backlog is recorded,
 //! the reading thread stores the session's manifest as a body and writes a
 //! pointer entry to it under each of its first gets' keys.
 //!
@@ -17,7 +18,7 @@
 //! problem (the go command's own requests report a real outage), though the
 //! breaker hears of outages.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -30,7 +31,7 @@ use super::record::send_body;
 use super::stages;
 use super::workers::{Abandoned, Calls, Worker};
 use super::{Problem, Session};
-use crate::domain::{Digest, Entry, now_ns};
+use crate::domain::{Digest, Entry, Stored, now_ns};
 use crate::local::store::CommitError;
 use crate::manifest::{self, Item, Recorder};
 
@@ -44,6 +45,9 @@ pub(super) struct Prefetch {
     given_up: AtomicBool,
     /// Actions a manifest listed, still to bring into the local tier.
     queue: Mutex<VecDeque<Item>>,
+    /// What the manifest said each listed action produced, and how the
+    /// backend stores its body: a get for one needs no lookup of its own.
+    listed: Mutex<HashMap<Digest, (Entry, Option<Stored>)>>,
     /// Threads prefetching now, at most `max`, and never so many that fewer
     /// than two threads are left to read requests.
     prefetching: AtomicUsize,
@@ -57,9 +61,18 @@ impl Prefetch {
             found: AtomicBool::new(false),
             given_up: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
+            listed: Mutex::new(HashMap::new()),
             prefetching: AtomicUsize::new(0),
-            max: threads / 2,
+            // Fetching is waiting on the network, not work for the CPU: as
+            // many as leave two threads to read requests.
+            max: threads.saturating_sub(2),
         }
+    }
+
+    /// The entry the manifest listed for `action_id`, and how its body is
+    /// stored if it said.
+    pub fn listed(&self, action_id: &Digest) -> Option<(Entry, Option<Stored>)> {
+        self.listed.lock().unwrap().get(action_id).copied()
     }
 
     /// Notes a get: true if it is one of the session's first, which may
@@ -111,7 +124,11 @@ pub(super) fn look_for_manifest(
         && !prefetch.found.swap(true, Ordering::SeqCst)
     {
         session.stats.manifest_items.add(items.len() as u64);
-        prefetch.queue.lock().unwrap().extend(items);
+        prefetch.listed.lock().unwrap().extend(items.iter().map(|i| (i.action, (i.entry, i.stored))));
+        // Those that cost no round trip first: the go command soon asks for
+        // them, and they would otherwise wait behind fetches.
+        let (inline, fetched): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| i.body.is_some());
+        prefetch.queue.lock().unwrap().extend(inline.into_iter().chain(fetched));
     }
     Ok(())
 }
