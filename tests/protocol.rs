@@ -137,19 +137,13 @@ fn a_body_over_100_mb_streams_through_without_being_held_in_memory() {
     const SIZE: u64 = 150 << 20;
     let dir = tempfile::tempdir().unwrap();
     let a = state_args(dir.path());
-    let gen_chunk = |state: &mut u64, buf: &mut [u8]| {
-        for b in buf.iter_mut() {
-            *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            *b = (*state >> 33) as u8;
-        }
-    };
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
     let mut state = 7u64;
     let mut left = SIZE;
     let mut chunk = vec![0u8; 3 << 20];
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
-        gen_chunk(&mut state, &mut chunk[..n]);
+        noise(&mut state, &mut chunk[..n]);
         sha2::Digest::update(&mut hasher, &chunk[..n]);
         left -= n as u64;
     }
@@ -157,7 +151,7 @@ fn a_body_over_100_mb_streams_through_without_being_held_in_memory() {
 
     let (mut s, _) = Session::start(&args(&a));
     let mut state = 7u64;
-    s.send_put_streamed(1, &action(1), &output, SIZE, |buf| gen_chunk(&mut state, buf));
+    s.send_put_streamed(1, &action(1), &output, SIZE, |buf| noise(&mut state, buf));
     let r = s.recv();
     let path = r["DiskPath"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
     let peak_mib = peak_rss_kib(s.pid()) / 1024;

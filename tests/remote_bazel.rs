@@ -68,14 +68,6 @@ fn session(
     answer
 }
 
-/// The same pseudo-random bytes for the same seed, chunk after chunk.
-fn noise(state: &mut u64, buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        *b = (*state >> 33) as u8;
-    }
-}
-
 #[test]
 fn a_body_much_larger_than_the_plugins_memory_goes_up_and_comes_back() {
     const SIZE: u64 = 128 << 20;

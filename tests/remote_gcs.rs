@@ -133,13 +133,6 @@ fn hexs(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn noise(state: &mut u64, buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        *b = (*state >> 33) as u8;
-    }
-}
-
 #[test]
 fn a_body_much_larger_than_the_plugins_memory_goes_through_a_resumable_upload_and_comes_back() {
     const SIZE: u64 = 160 << 20;

@@ -91,6 +91,11 @@ counters! {
     network_denials,
     /// Gets answered as misses without asking the backend, while it was paused.
     skipped_while_paused,
+    /// Gets answered as misses before the backend answered, during a streak
+    /// of lookups it had nothing for (see `--miss-streak`), and those of them
+    /// it turned out to have.
+    misses_early,
+    misses_early_found,
     /// Puts kept only locally because the backend was paused.
     local_only_puts,
     /// Puts kept only locally because too many were waiting to be recorded.

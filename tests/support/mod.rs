@@ -39,6 +39,23 @@ pub fn unb64(s: &str) -> Vec<u8> {
     BASE64.decode(s).expect("base64 from gocp-host")
 }
 
+/// Pseudo-random bytes, the same for the same seed however `buf` is cut:
+/// bodies that do not compress, so that they travel and are stored as given.
+pub fn noise(state: &mut u64, buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *b = (*state >> 33) as u8;
+    }
+}
+
+/// `len` bytes of [`noise`] from `seed`.
+pub fn noise_body(seed: u64, len: usize) -> Vec<u8> {
+    let mut body = vec![0u8; len];
+    let mut state = seed;
+    noise(&mut state, &mut body);
+    body
+}
+
 /// A gocp-host process spoken to over its stdin and stdout.
 pub struct Session {
     child: Child,

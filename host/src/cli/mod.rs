@@ -100,7 +100,7 @@ pub struct Cli {
     pub help_plugin: bool,
 
     /// Most plugin instances to run at once (the plugin may allow fewer).
-    /// [default: the number of CPUs; 16 for a plugin that uses the network]
+    /// [default: the number of CPUs; 32 for a plugin that uses the network]
     #[arg(long, env = "GOCP_INSTANCES", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub instances: Option<u16>,
 
@@ -150,6 +150,12 @@ pub struct Cli {
     /// entries read either way.
     #[arg(long, env = "GOCP_COMPRESS", value_name = "MODE", default_value = "auto", value_parser = parse_compress)]
     pub compress: CompressMode,
+
+    /// After this many lookups in a row that the remote did not have, answer
+    /// gets as misses at once and look them up in the background; the first
+    /// one found makes gets wait again. 0: always wait.
+    #[arg(long, env = "GOCP_MISS_STREAK", value_name = "N", default_value_t = crate::serve::DEFAULT_MISS_STREAK)]
+    pub miss_streak: usize,
 
     /// Use only entries signed by this key: a `gocp-ed25519:...` public key or a
     /// file holding one (repeatable, to rotate keys). Without it, a signer
@@ -524,6 +530,7 @@ pub fn run() -> Result<ExitCode> {
             CompressMode::Set(compression) => compression,
         },
         request_log,
+        miss_streak: cli.miss_streak,
     };
     let report = |summary: &Summary| {
         if cli.verbose {

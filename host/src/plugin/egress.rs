@@ -147,7 +147,7 @@ impl Egress {
                 egress.put_back(key, sender);
             }
         }
-        Ok(response.map(|incoming| PooledBody { incoming, idle_timer, back }.boxed_unsync()))
+        Ok(response.map(|incoming| PooledBody { incoming: Some(incoming), idle_timer, back }.boxed_unsync()))
     }
 
     /// An idle connection to `key` that is still open and ready for a
@@ -219,10 +219,18 @@ pub fn is_certificate_error(e: &std::io::Error) -> bool {
         .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
 }
 
+/// The most of a response body left unread that is still read to its end
+/// when the plugin drops it, to keep its connection: a miss's short "not
+/// found" page, say. Anything longer costs less to reconnect than to read.
+const DRAIN_AT_MOST: u64 = 16 * 1024;
+/// How long draining such a body may take before its connection is closed.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
+
 /// A response body that hands its connection back to the pool once read to
 /// its end, and fails when the server goes silent between bytes.
 struct PooledBody {
-    incoming: hyper::body::Incoming,
+    /// Taken only when dropped.
+    incoming: Option<hyper::body::Incoming>,
     idle_timer: tokio::time::Interval,
     back: Option<(SendRequest<WasiBody>, Arc<Egress>, Key)>,
 }
@@ -232,7 +240,8 @@ impl Body for PooledBody {
     type Error = Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        match Pin::new(&mut self.incoming).poll_frame(cx) {
+        let Some(incoming) = self.incoming.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(incoming).poll_frame(cx) {
             Poll::Ready(None) => {
                 if let Some((sender, egress, key)) = self.back.take() {
                     egress.put_back(key, sender);
@@ -258,10 +267,36 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.incoming.as_ref().is_none_or(|incoming| incoming.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        self.incoming.as_ref().map_or_else(|| SizeHint::with_exact(0), |incoming| incoming.size_hint())
+    }
+}
+
+impl Drop for PooledBody {
+    /// A body dropped before its end (a plugin that reads a 404's status and
+    /// not its page) still returns its connection when little is left: read
+    /// in the background, it costs no round trip, a new connection costs one.
+    fn drop(&mut self) {
+        let (Some(back), Some(mut incoming)) = (self.back.take(), self.incoming.take()) else { return };
+        if incoming.size_hint().upper().is_none_or(|left| left > DRAIN_AT_MOST) {
+            return;
+        }
+        let drained = async move {
+            while let Some(frame) = incoming.frame().await {
+                frame.ok()?;
+            }
+            Some(())
+        };
+        wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| {
+            tokio::task::spawn(async move {
+                if let Ok(Some(())) = tokio::time::timeout(DRAIN_FOR, drained).await {
+                    let (sender, egress, key) = back;
+                    egress.put_back(key, sender);
+                }
+            })
+        });
     }
 }

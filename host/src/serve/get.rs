@@ -2,7 +2,8 @@
 //!
 //! In order: a put of the same action still being recorded, or the local
 //! tier when it has both the entry and the body, answers at once; a paused
-//! backend makes it a miss; otherwise the thread's instance looks the action
+//! backend makes it a miss; so does a streak of misses (`miss_streak`),
+//! looking the action up afterwards; otherwise the thread's instance looks the action
 //! up, and if its output is not on this machine and the backend keeps
 //! bodies, brings the body in through the stages (verified before anything
 //! else sees it) and keeps its entry locally, so it is fetched once. The
@@ -92,6 +93,9 @@ fn respond(
         log(session, id, &action_id, received, None, "paused", 0);
         return Ok(());
     }
+    if listed.is_none() && session.streak.answering_early() {
+        return answer_early(session, worker, id, action_id, received);
+    }
     // Answered here, or by the watchdog if a call gets stuck: the first to
     // claim the request answers it.
     let claimed = Arc::new(AtomicBool::new(false));
@@ -137,6 +141,39 @@ fn respond(
     Ok(())
 }
 
+/// Answers a get as a miss at once (see `miss_streak`), then looks its
+/// action up to learn whether the streak goes on. A body found is not
+/// fetched: the go command is building it by now.
+fn answer_early(
+    session: &Arc<Session>,
+    worker: &mut Worker,
+    id: i64,
+    action_id: Digest,
+    received: Instant,
+) -> Result<(), Abandoned> {
+    session.stats.misses_early.add(1);
+    session.respond_miss(id);
+    log(session, id, &action_id, received, None, "early", 0);
+    if !session.streak.look_up_early() {
+        return Ok(());
+    }
+    worker.work(session.on_stuck(), |calls| {
+        let Some(calls) = calls else { return session.no_instance() };
+        match find_entry(session, calls, &action_id) {
+            Ok(found) => {
+                session.breaker.success();
+                if found.is_some() {
+                    session.stats.misses_early_found.add(1);
+                    session.streak.found();
+                } else {
+                    session.streak.not_found();
+                }
+            }
+            Err(e) => session.backend_failed(&e),
+        }
+    })
+}
+
 /// A get's line in the request log: a hit when there is an entry.
 fn log(
     session: &Session,
@@ -166,7 +203,15 @@ fn log(
 fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, listed: Option<(Entry, Stored)>) -> Looked {
     let found = match listed {
         Some(listed) => Ok(Some(listed)),
-        None => find_entry(session, calls, action_id),
+        None => {
+            let found = find_entry(session, calls, action_id);
+            match found {
+                Ok(Some(_)) => session.streak.found(),
+                Ok(None) => session.streak.not_found(),
+                Err(_) => {}
+            }
+            found
+        }
     };
     let (entry, stored) = match found {
         Ok(Some(found)) => found,

@@ -19,6 +19,8 @@
 //! - `stages`: what entries and bodies go through on their way between the
 //!   local tier and the backend;
 //! - `breaker`: pausing a backend that keeps failing;
+//! - `miss_streak`: answering misses without waiting, while the backend has
+//!   none of what the go command asks for;
 //! - `workers`: the threads, their instances, deadlines and the watchdog;
 //! - `responder` and `problems`: the go command's stdout and the user's stderr.
 //!
@@ -29,6 +31,7 @@
 
 mod breaker;
 mod get;
+mod miss_streak;
 mod prefetch;
 mod problems;
 mod put;
@@ -61,6 +64,7 @@ use request_log::{Line, RequestLog};
 use responder::Responder;
 use workers::{Abandoned, Worker, Workers};
 
+pub use miss_streak::DEFAULT as DEFAULT_MISS_STREAK;
 pub use stages::Compression;
 pub use workers::ShutdownReport;
 
@@ -82,6 +86,9 @@ pub struct Settings {
     pub compression: Compression,
     /// Where to log each request, if anywhere.
     pub request_log: RequestLog,
+    /// Lookups in a row not found after which gets are answered as misses
+    /// before the backend answers (see `miss_streak`); 0: never.
+    pub miss_streak: usize,
 }
 
 /// How a session ended.
@@ -112,6 +119,7 @@ struct Session {
     prefetch: prefetch::Prefetch,
     known: KnownBodies,
     fetches: get::Fetches,
+    streak: miss_streak::MissStreak,
     /// How long one backend call may take, before what its bytes earn.
     call_timeout: Duration,
     /// Serving threads: what `record` and `prefetch` must leave free.
@@ -151,6 +159,8 @@ pub fn serve(
         prefetch: prefetch::Prefetch::new(prefetching, threads),
         known: KnownBodies::default(),
         fetches: get::Fetches::default(),
+        // Only a remote is worth not waiting for: one with a local tier.
+        streak: miss_streak::MissStreak::new(if prefetching { settings.miss_streak } else { 0 }),
         call_timeout: settings.call_timeout,
         local,
         backend,

@@ -18,7 +18,7 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 use super::request_log::RequestLog;
-use super::{Compression, Ending, Settings, serve};
+use super::{Compression, DEFAULT_MISS_STREAK, Ending, Settings, serve};
 use crate::backend::{
     Backend, BodySink, BodySource, CallError, Deadline, Digest, Entry, Instance, ReadBody, StoredEntry,
 };
@@ -276,14 +276,22 @@ impl GoCommand {
     }
 
     fn start_in(backend: &Arc<TestBackend>, state: &Path, drain: Duration) -> GoCommand {
-        GoCommand::start_as(backend, state, drain, false, Trust::default(), Compression::None)
+        GoCommand::start_as(backend, state, drain, false, Trust::default(), Compression::None, DEFAULT_MISS_STREAK)
     }
 
     /// A session on a new state directory that compresses what it sends.
     fn start_compressing(backend: &Arc<TestBackend>) -> GoCommand {
         let state = tempfile::tempdir().unwrap();
         let drain = Duration::from_secs(5);
-        let mut go = GoCommand::start_as(backend, state.path(), drain, false, Trust::default(), Compression::Zstd(3));
+        let mut go = GoCommand::start_as(
+            backend,
+            state.path(),
+            drain,
+            false,
+            Trust::default(),
+            Compression::Zstd(3),
+            DEFAULT_MISS_STREAK,
+        );
         go._state = Some(state);
         go
     }
@@ -292,7 +300,8 @@ impl GoCommand {
     fn start_trusting(backend: &Arc<TestBackend>, trust: Trust, read_only: bool) -> GoCommand {
         let state = tempfile::tempdir().unwrap();
         let drain = Duration::from_secs(5);
-        let mut go = GoCommand::start_as(backend, state.path(), drain, read_only, trust, Compression::None);
+        let mut go =
+            GoCommand::start_as(backend, state.path(), drain, read_only, trust, Compression::None, DEFAULT_MISS_STREAK);
         go._state = Some(state);
         go
     }
@@ -304,6 +313,7 @@ impl GoCommand {
         read_only: bool,
         trust: Trust,
         compression: Compression,
+        miss_streak: usize,
     ) -> GoCommand {
         let (input_r, input_w) = std::io::pipe().unwrap();
         let (output_r, output_w) = std::io::pipe().unwrap();
@@ -319,6 +329,7 @@ impl GoCommand {
             trust,
             compression,
             request_log: RequestLog::off(),
+            miss_streak,
         };
         let backend: Arc<dyn Backend> = Arc::new(backend.clone());
         let session = std::thread::spawn(move || {
@@ -673,6 +684,39 @@ fn a_compressed_cache_prefetches_from_its_manifest_without_lookups() {
     assert_eq!((stats.manifest_items, stats.hits), (40, 40), "{stats:?}");
     let lookups = backend.calls("read_entry") - lookups_before;
     assert!(lookups <= 3, "the manifest said where each body is: {lookups} lookups; {stats:?}");
+}
+
+#[test]
+fn after_a_streak_of_misses_gets_are_answered_at_once_until_the_backend_has_one() {
+    let backend = TestBackend::new(true);
+    let state = tempfile::tempdir().unwrap();
+    let drain = Duration::from_secs(5);
+    let mut go = GoCommand::start_as(&backend, state.path(), drain, false, Trust::default(), Compression::None, 4);
+    for n in 0..8 {
+        assert_eq!(go.ask(n as i64 + 1, &action(n))["Miss"], true);
+    }
+    // The go command builds what was answered early; a get found after all
+    // ends the streak, and the ones after it wait for their answer again.
+    backend.holds(action(100), b"built elsewhere");
+    backend.holds(action(101), b"also built elsewhere");
+    assert_eq!(go.ask(9, &action(100))["Miss"], true, "answered before it was looked up");
+    let mut asked = 0;
+    let hit = loop {
+        asked += 1;
+        let answer = go.ask(10 + asked, &action(101));
+        if answer["Miss"] != true || asked == 100 {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        std::fs::read(hit["DiskPath"].as_str().expect("a hit once the streak ended")).unwrap(),
+        b"also built elsewhere"
+    );
+    let stats = go.close(200);
+    assert_eq!(stats.misses_early, 4 + asked as u64, "{stats:?}");
+    assert!(stats.misses_early_found >= 1, "{stats:?}");
+    assert_eq!(backend.calls("read_body"), 1, "only the body of the hit was fetched: {stats:?}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use gocp_http_client::{Body, Client, Method, Response};
+use gocp_plugin_sdk::SEND_WITHOUT_ASKING;
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
     export_backend, hex,
@@ -174,18 +175,19 @@ impl Backend for Azure {
 
     fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
         let name = self.name("cas", output_id);
-        // Bodies never change under their output id, so one already there
-        // (from another machine, or an earlier run) need not travel again;
-        // one of another size is a leftover of something broken: replaced.
-        let what = self.what("HEAD", &name);
-        let head = self.send(Method::Head, &name, &[], &[], Body::Empty, &what)?;
-        match head.status {
-            200 if head.content_length == Some(size) => return Ok(()),
-            200 => {}
-            404 if head.header("x-ms-error-code") != Some("ContainerNotFound") => {}
-            _ => return Err(self.refusal(&head, &what)),
+        // Bodies never change under their output id, so a large one already
+        // there (from another machine, or an earlier run) need not travel
+        // again; one of another size is a leftover of something broken: replaced.
+        if size > SEND_WITHOUT_ASKING {
+            let what = self.what("HEAD", &name);
+            let head = self.send(Method::Head, &name, &[], &[], Body::Empty, &what)?;
+            match head.status {
+                200 if head.content_length == Some(size) => return Ok(()),
+                200 => {}
+                404 if head.header("x-ms-error-code") != Some("ContainerNotFound") => {}
+                _ => return Err(self.refusal(&head, &what)),
+            }
         }
-        drop(head);
         if size <= BLOCK {
             return self.put_blob(&name, Body::Stream { from: body, size });
         }

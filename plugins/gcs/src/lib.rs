@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use auth::Auth;
 use gocp_http_client::{Body, Client, Method, Response};
+use gocp_plugin_sdk::SEND_WITHOUT_ASKING;
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
     export_backend, hex,
@@ -154,22 +155,23 @@ impl Backend for Gcs {
 
     fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
         let name = self.name("cas", output_id);
-        // Bodies never change under their output id, so one already there
-        // (from another machine, or an earlier run) need not travel again;
-        // one of another size is a leftover of something broken: replaced.
-        let what = self.what("GET", &name);
-        let existing = self.send(Method::Get, &self.object_url(&name, "fields=size"), &[], Body::Empty, &what)?;
-        match existing.status {
-            200 => {
-                let resource: Value = serde_json::from_slice(&existing.bytes(MAX_DOCUMENT)?).unwrap_or(Value::Null);
-                if resource["size"].as_str().and_then(|s| s.parse().ok()) == Some(size) {
-                    return Ok(());
+        // Bodies never change under their output id, so a large one already
+        // there (from another machine, or an earlier run) need not travel
+        // again; one of another size is a leftover of something broken: replaced.
+        if size > SEND_WITHOUT_ASKING {
+            let what = self.what("GET", &name);
+            let existing = self.send(Method::Get, &self.object_url(&name, "fields=size"), &[], Body::Empty, &what)?;
+            match existing.status {
+                200 => {
+                    let resource: Value = serde_json::from_slice(&existing.bytes(MAX_DOCUMENT)?).unwrap_or(Value::Null);
+                    if resource["size"].as_str().and_then(|s| s.parse().ok()) == Some(size) {
+                        return Ok(());
+                    }
                 }
+                404 => {}
+                _ => return Err(self.refusal(&existing, &what)),
             }
-            404 => {}
-            _ => return Err(self.refusal(&existing, &what)),
         }
-        drop(existing);
         if size <= CHUNK {
             self.upload(&name, Body::Stream { from: body, size })
         } else {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use gocp_http_client::{Body, Client, Method, Response};
+use gocp_plugin_sdk::SEND_WITHOUT_ASKING;
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
     export_backend, hex,
@@ -293,6 +294,9 @@ impl Backend for Http {
 
     fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
         let path = self.path("cas", output_id);
+        if size <= SEND_WITHOUT_ASKING {
+            return self.put("cas", &path, Body::Stream { from: body, size });
+        }
         // Bodies never change, so one already there (another machine stored
         // it) need not be sent again; one of another length is a leftover of
         // a broken upload and is replaced.

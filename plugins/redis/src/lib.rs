@@ -21,6 +21,7 @@ use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use gocp_plugin_sdk::SEND_WITHOUT_ASKING;
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
     StreamError, export_backend, hex, write_all,
@@ -541,8 +542,8 @@ impl Backend for Redis {
             return Ok(());
         }
         let key = self.key("cas", output_id);
-        // Bodies never change: one already there is not uploaded again.
-        if self.exists(&key)? {
+        // Bodies never change: a large one already there is not uploaded again.
+        if size > SEND_WITHOUT_ASKING && self.exists(&key)? {
             return Ok(());
         }
         let result = self.upload(&key, size, body);

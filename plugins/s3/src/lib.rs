@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use gocp_http_client::{Body, Client, Method, Response};
+use gocp_plugin_sdk::SEND_WITHOUT_ASKING;
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
     export_backend, hex,
@@ -163,16 +164,17 @@ impl Backend for S3 {
 
     fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
         let key = format!("{}cas/{}", self.prefix, hex(output_id));
-        // Bodies never change under their output id, so one already there
-        // (from another machine, or an earlier run) need not travel again.
-        let head = self.request(Method::Head, &key, Body::Empty)?;
-        match head.status {
-            200 if head.content_length == Some(size) => return Ok(()),
-            // A wrong size is a broken upload from elsewhere: replace it.
-            200 | 404 => {}
-            _ => return Err(self.refusal(&head, &self.what("HEAD", &key))),
+        // Bodies never change under their output id, so a large one already
+        // there (from another machine, or an earlier run) need not travel again.
+        if size > SEND_WITHOUT_ASKING {
+            let head = self.request(Method::Head, &key, Body::Empty)?;
+            match head.status {
+                200 if head.content_length == Some(size) => return Ok(()),
+                // A wrong size is a broken upload from elsewhere: replace it.
+                200 | 404 => {}
+                _ => return Err(self.refusal(&head, &self.what("HEAD", &key))),
+            }
         }
-        drop(head);
         let response = self.request(Method::Put, &key, Body::Stream { from: body, size })?;
         match response.status {
             200 => Ok(()),

@@ -69,6 +69,11 @@ pub struct Entry {
     pub host_data: Vec<u8>,
 }
 
+/// Bodies up to this size are best sent without first asking the store
+/// whether it has them (see `write-body` in the WIT file): asking costs a
+/// round trip, as sending a body this small does, and the store rarely has it.
+pub const SEND_WITHOUT_ASKING: u64 = 64 * 1024;
+
 /// The most host data an entry may carry (see the WIT file).
 pub const MAX_HOST_DATA: usize = 1024;
 

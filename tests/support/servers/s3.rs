@@ -34,6 +34,8 @@ impl Versitygw {
         let mut command = Command::new(tool("versitygw"));
         command
             .args(["--access", ACCESS_KEY, "--secret", SECRET_KEY, "--port", &format!("127.0.0.1:{port}"), "--quiet"])
+            // As S3 does: connections are reused across requests.
+            .arg("--keep-alive")
             .arg("posix")
             .arg(&root);
         let process = Process::start("versitygw", command, port, &dir.path().join("versitygw.log"));
