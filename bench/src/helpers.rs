@@ -1,8 +1,9 @@
 //! The rows of the remote part: each GOCACHEPROG helper with the kind of
 //! server it is measured against, and the builtin cache as the reference;
-//! for each, how to start its server empty, and the GOCACHEPROG value that
-//! points the helper at that server through a given (proxy) port, with a
-//! given local directory.
+//! for each, how to start its server empty (told the proxy port its clients
+//! will come through), and the GOCACHEPROG value that points the helper at
+//! that server through that port, with a given local directory, and the
+//! credentials it reads from the go command's environment.
 //!
 //! It never measures, never runs a helper itself (the go command does), and
 //! never decides what a figure means. Flags are those each helper's `--help`
@@ -14,7 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::peers::Peers;
-use crate::servers::{self, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Server};
+use crate::servers::{
+    self, AZURE_ACCOUNT, AZURE_CONTAINER, AZURE_KEY, GCS_BUCKET, GCS_TOKEN, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY,
+    Server,
+};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Helper {
@@ -23,6 +27,8 @@ pub enum Helper {
     GocpS3,
     GocpRedis,
     GocpHttp,
+    GocpGcs,
+    GocpAzure,
     /// platacard/cacheprog on versitygw.
     Cacheprog,
     /// bradfitz go-cacher with gocached.
@@ -33,11 +39,13 @@ pub enum Helper {
     GoCachePlugin,
 }
 
-pub const ALL: [Helper; 8] = [
+pub const ALL: [Helper; 10] = [
     Helper::Builtin,
     Helper::GocpS3,
     Helper::GocpRedis,
     Helper::GocpHttp,
+    Helper::GocpGcs,
+    Helper::GocpAzure,
     Helper::Cacheprog,
     Helper::GoCacher,
     Helper::Yonesko,
@@ -48,15 +56,23 @@ pub const ALL: [Helper; 8] = [
 pub struct Ctx<'a> {
     pub host: &'a Path,
     pub peers: &'a Peers,
-    /// A state directory holding only `compiled/` (the three remote plugins
+    /// A state directory holding only `compiled/` (the remote plugins
     /// compiled), copied into every gocp local directory.
     pub compiled_seed: &'a Path,
 }
 
+/// The variables the gcs and azure plugins read their credentials from.
+pub const GCS_TOKEN_VAR: &str = "GOCP_BENCH_GCS_TOKEN";
+pub const AZURE_KEY_VAR: &str = "GOCP_BENCH_AZURE_KEY";
+
 /// The environment every helper's go command gets: versitygw's credentials
-/// for the helpers on S3 (gocp is granted them with --allow-env), and no
+/// for the helpers on S3, an access token for the gcs plugin (the simplest
+/// credentials it takes; fake-gcs-server checks none) and Azurite's account
+/// key for the azure plugin (gocp is granted each with --allow-env), and no
 /// AWS configuration of the user's.
 pub const ENV: &[(&str, &str)] = &[
+    (GCS_TOKEN_VAR, GCS_TOKEN),
+    (AZURE_KEY_VAR, AZURE_KEY),
     ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
     ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
     ("AWS_REGION", "us-east-1"),
@@ -77,6 +93,8 @@ impl Helper {
             Helper::GocpS3 => "gocp s3, versitygw",
             Helper::GocpRedis => "gocp redis, Redis 7.0",
             Helper::GocpHttp => "gocp http, bazel-remote (`--disable_http_ac_validation`)",
+            Helper::GocpGcs => "gocp gcs, fake-gcs-server",
+            Helper::GocpAzure => "gocp azure, Azurite",
             Helper::Cacheprog => "platacard/cacheprog, s3 on versitygw",
             Helper::GoCacher => "bradfitz go-cacher + gocached",
             Helper::Yonesko => "yonesko/gocacheprog, Redis 7.0",
@@ -85,7 +103,7 @@ impl Helper {
     }
 
     pub fn is_gocp(self) -> bool {
-        matches!(self, Helper::GocpS3 | Helper::GocpRedis | Helper::GocpHttp)
+        matches!(self, Helper::GocpS3 | Helper::GocpRedis | Helper::GocpHttp | Helper::GocpGcs | Helper::GocpAzure)
     }
 
     /// The peer executable this row runs, if it is a peer.
@@ -124,6 +142,12 @@ impl Helper {
                 Helper::GocpHttp => {
                     Helper::bazel_remote(ctx)?;
                 }
+                Helper::GocpGcs => {
+                    servers::tool("fake-gcs-server", "fake-gcs-server")?;
+                }
+                Helper::GocpAzure => {
+                    servers::tool("azurite-blob", "azurite")?;
+                }
                 Helper::GoCacher => {
                     ctx.peers.exe("gocached").context("gocached was not built")?;
                 }
@@ -134,13 +158,17 @@ impl Helper {
         check().err().map(|e| format!("{e:#}"))
     }
 
-    /// Starts this row's server, empty, with its data under `dir`.
-    pub fn start_server(self, ctx: &Ctx, dir: &Path) -> Result<Option<Server>> {
+    /// Starts this row's server, empty, with its data under `dir`; its
+    /// clients will reach it through 127.0.0.1:`public_port` (the proxy,
+    /// made after it), which fake-gcs-server must know.
+    pub fn start_server(self, ctx: &Ctx, dir: &Path, public_port: u16) -> Result<Option<Server>> {
         Ok(Some(match self {
             Helper::Builtin => return Ok(None),
             Helper::GocpS3 | Helper::Cacheprog | Helper::GoCachePlugin => servers::versitygw(dir)?,
             Helper::GocpRedis | Helper::Yonesko => servers::redis(dir)?,
             Helper::GocpHttp => servers::bazel_remote(&Helper::bazel_remote(ctx)?, dir)?,
+            Helper::GocpGcs => servers::fake_gcs(dir, public_port)?,
+            Helper::GocpAzure => servers::azurite(dir)?,
             Helper::GoCacher => servers::gocached(&ctx.peers.exe("gocached").context("gocached")?, dir)?,
         }))
     }
@@ -167,6 +195,18 @@ impl Helper {
             ),
             Helper::GocpRedis => format!("{} --config url=redis://{addr} --allow-net {addr}", gocp("redis")?),
             Helper::GocpHttp => format!("{} --config url=http://{addr} --allow-net {addr}", gocp("http")?),
+            Helper::GocpGcs => format!(
+                "{} --config bucket={GCS_BUCKET} --config endpoint=http://{addr} --config token-env={GCS_TOKEN_VAR} \
+                 --allow-net {addr} --allow-env {GCS_TOKEN_VAR}",
+                gocp("gcs")?
+            ),
+            // Azurite names the account in the path, not in the host name.
+            Helper::GocpAzure => format!(
+                "{} --config account={AZURE_ACCOUNT} --config container={AZURE_CONTAINER} \
+                 --config endpoint=http://{addr}/{AZURE_ACCOUNT} --config key-env={AZURE_KEY_VAR} \
+                 --allow-net {addr} --allow-env {AZURE_KEY_VAR}",
+                gocp("azure")?
+            ),
             Helper::Cacheprog => format!(
                 "{} --log-level ERROR direct --root-directory {l} --remote-storage-type s3 \
                  --s3-endpoint http://{addr} --s3-force-path-style --s3-region us-east-1 --s3-bucket {S3_BUCKET} \

@@ -18,6 +18,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -111,7 +112,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
     Ok(report)
 }
 
-/// Compiles the three remote plugins once into a state directory whose
+/// Compiles the remote plugins once into a state directory whose
 /// `compiled/` every gocp row starts with: a local directory holding no
 /// outputs, as on a CI machine that keeps only `~/.cache/gocp/compiled`
 /// (the README's advice), so the figures are the cache's, not Cranelift's.
@@ -121,6 +122,12 @@ fn compile_plugins(plan: &Plan) -> Result<PathBuf> {
         ("s3", "--config bucket=b --config endpoint=http://127.0.0.1:9"),
         ("redis", "--config url=redis://127.0.0.1:9"),
         ("http", "--config url=http://127.0.0.1:9"),
+        // No credentials: only a row's own run needs them.
+        ("gcs", "--config bucket=unused --config endpoint=http://127.0.0.1:9 --config credentials=none"),
+        (
+            "azure",
+            "--config account=a --config container=unused --config endpoint=http://127.0.0.1:9/a --config credentials=none",
+        ),
     ] {
         // Its input at end at once: gocp starts (compiling the plugin),
         // serves nothing and exits. Starting never contacts the server.
@@ -198,9 +205,17 @@ fn one(
     dir: &Path,
     name: &str,
 ) -> Result<Measured> {
-    let server = h.start_server(ctx, &dir.join("server"))?;
+    // The proxy's port is chosen before the server starts, since
+    // fake-gcs-server hands out URLs that must lead back through it. It stays
+    // bound until the server runs, so that the server cannot be given it.
+    let reserved = TcpListener::bind("127.0.0.1:0").context("choosing the proxy's port")?;
+    let listen = reserved.local_addr()?.port();
+    let server = h.start_server(ctx, &dir.join("server"), listen)?;
+    drop(reserved);
     let proxy = match &server {
-        Some(s) => Some(toxiproxy.proxy(name, s.port, link).with_context(|| format!("a proxy for {}", s.name()))?),
+        Some(s) => {
+            Some(toxiproxy.proxy(name, listen, s.port, link).with_context(|| format!("a proxy for {}", s.name()))?)
+        }
         None => None,
     };
     let port = proxy.as_ref().map_or(0, |p| p.port);

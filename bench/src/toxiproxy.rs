@@ -65,22 +65,25 @@ impl Toxiproxy {
         Ok(Toxiproxy { server: servers::toxiproxy(dir)? })
     }
 
-    /// A proxy named `name` in front of 127.0.0.1:`upstream`, on a free
-    /// port, with `link`'s toxics on both directions.
-    pub fn proxy(&self, name: &str, upstream: u16, link: &Link) -> Result<Proxy<'_>> {
+    /// A proxy named `name` on 127.0.0.1:`listen` in front of
+    /// 127.0.0.1:`upstream`, with `link`'s toxics on both directions. The
+    /// caller chooses the port: a server may have to be told it first.
+    pub fn proxy(&self, name: &str, listen: u16, upstream: u16, link: &Link) -> Result<Proxy<'_>> {
         let made = self.call(
             "POST",
             "/proxies",
             Some(json!({
                 "name": name,
-                "listen": "127.0.0.1:0",
+                "listen": format!("127.0.0.1:{listen}"),
                 "upstream": format!("127.0.0.1:{upstream}"),
                 "enabled": true,
             })),
         )?;
-        let listen = made["listen"].as_str().context("toxiproxy's answer has no listen address")?;
-        let port = listen.rsplit(':').next().and_then(|p| p.parse().ok()).context("toxiproxy's listen address")?;
+        let answered = made["listen"].as_str().context("toxiproxy's answer has no listen address")?;
+        let port: u16 =
+            answered.rsplit(':').next().and_then(|p| p.parse().ok()).context("toxiproxy's listen address")?;
         let proxy = Proxy { toxiproxy: self, name: name.to_string(), port };
+        ensure!(port == listen, "toxiproxy listens on {answered}, not on port {listen} as asked");
         // upstream: client to server; downstream: server to client.
         for stream in ["upstream", "downstream"] {
             let path = format!("/proxies/{name}/toxics");

@@ -85,7 +85,7 @@ fn a_quick_run_prints_every_figure() {
         .find(|t| t[0][0] == "helper, server")
         .unwrap_or_else(|| panic!("no table of the remote part over a link in:\n{text}\n{stderr}"));
     assert_eq!(link[0].len(), 6, "the link table's header: {:?}", link[0]);
-    for name in ["builtin cache", "gocp s3", "gocp redis"] {
+    for name in ["builtin cache", "gocp s3", "gocp redis", "gocp gcs", "gocp azure"] {
         assert!(link.iter().any(|r| r[0].starts_with(name)), "no row for {name:?} in:\n{text}\n{stderr}");
     }
     for row in &link[1..] {
@@ -102,7 +102,7 @@ fn a_quick_run_prints_every_figure() {
             assert!(ok, "wire bytes {wire:?} of {row:?}");
         }
     }
-    for name in ["gocp s3", "gocp redis"] {
+    for name in ["gocp s3", "gocp redis", "gocp gcs", "gocp azure"] {
         let line = text.lines().find(|l| l.trim_start().starts_with(name) && l.contains("A: hits_local"));
         assert!(line.is_some(), "no --stats-json line for {name:?} in:\n{text}");
     }
