@@ -45,7 +45,8 @@ type entry struct {
 }
 
 // load reads `<state>/plugins/disk/entries/<2 hex>/<action hex>`, each one
-// line `v1 <output hex> <size> <put time ns>`.
+// line `v2 <output hex> <size> <put time ns> <host data hex or ->` (or `v1`
+// without the host data, as older stores hold).
 func load(state string) map[string]entry {
 	entries := map[string]entry{}
 	root := filepath.Join(state, "plugins", "disk", "entries")
@@ -55,7 +56,9 @@ func load(state string) map[string]entry {
 		for _, file := range files {
 			line, err := os.ReadFile(filepath.Join(root, shard.Name(), file.Name()))
 			fields := strings.Fields(string(line))
-			if err != nil || len(fields) != 4 || fields[0] != "v1" || len(fields[1]) != 64 {
+			v1 := len(fields) == 4 && fields[0] == "v1"
+			v2 := len(fields) == 5 && fields[0] == "v2"
+			if err != nil || !(v1 || v2) || len(fields[1]) != 64 {
 				continue
 			}
 			output, err1 := hex.DecodeString(fields[1])
@@ -77,6 +80,12 @@ func main() {
 		os.Exit(2)
 	}
 	entries := load(os.Args[1])
+	if len(entries) == 0 {
+		// It is only ever pointed at a filled store: none read means the
+		// disk plugin's entry format changed, and every get would be a miss.
+		fmt.Fprintln(os.Stderr, "floor: no entries read from", os.Args[1])
+		os.Exit(1)
+	}
 	out := bufio.NewWriter(os.Stdout)
 	enc := json.NewEncoder(out)
 	send := func(r response) {
