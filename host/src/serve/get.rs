@@ -66,10 +66,7 @@ fn respond(
 ) -> Result<(), Abandoned> {
     session.stats.gets.add(1);
     if let Some((entry, path)) = session.local.find(&action_id) {
-        session.stats.hits_local.add(1);
-        session.responder.send(&hit(session, id, &entry, path));
-        session.prefetch.note_used(&action_id, &entry);
-        log(session, id, &action_id, received, Some(&entry), "local", 0);
+        local_hit(session, id, &action_id, received, &entry, path);
         return Ok(());
     }
     // Listed by the session's manifest: its body may be here already (another
@@ -79,11 +76,8 @@ fn respond(
     if let Some((entry, _)) = listed
         && let Some(path) = session.local.body(&entry)
     {
-        session.stats.hits_local.add(1);
-        session.responder.send(&hit(session, id, &entry, path));
+        local_hit(session, id, &action_id, received, &entry, path);
         session.remember(&action_id, &entry);
-        session.prefetch.note_used(&action_id, &entry);
-        log(session, id, &action_id, received, Some(&entry), "local", 0);
         return Ok(());
     }
     let listed = listed.and_then(|(entry, stored)| Some((entry, stored?)));
@@ -139,6 +133,14 @@ fn respond(
         }
     }
     Ok(())
+}
+
+/// Answers a get with a body this machine has.
+fn local_hit(session: &Session, id: i64, action_id: &Digest, received: Instant, entry: &Entry, path: PathBuf) {
+    session.stats.hits_local.add(1);
+    session.responder.send(&hit(session, id, entry, path));
+    session.prefetch.note_used(action_id, entry);
+    log(session, id, action_id, received, Some(entry), "local", 0);
 }
 
 /// Answers a get as a miss at once (see `miss_streak`), then looks its

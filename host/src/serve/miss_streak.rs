@@ -51,7 +51,7 @@ impl MissStreak {
     /// Whether a get answered early is looked up too.
     pub fn look_up_early(&self) -> bool {
         let n = self.early.fetch_add(1, Ordering::Relaxed);
-        n % (n / self.after.max(1)).clamp(1, MAX_STRIDE) == 0
+        n.is_multiple_of((n / self.after.max(1)).clamp(1, MAX_STRIDE))
     }
 
     /// The backend did not have an action's entry.
