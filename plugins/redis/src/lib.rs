@@ -24,7 +24,7 @@ use std::time::Duration;
 use gocp_plugin_sdk::SEND_WITHOUT_ASKING;
 use gocp_plugin_sdk::{
     Backend, Capabilities, Config, ConfigKey, Digest, Entry, Error, Info, InputStream, MAX_ENTRY_LINE, OutputStream,
-    StreamError, export_backend, hex, write_all,
+    StreamError, copy_from_stream, export_backend, hex, write_all,
 };
 use resp::{Head, ReadError, Reply};
 
@@ -232,6 +232,26 @@ impl Redis {
             Reply::Simple(ok) if ok == "OK" => Ok(()),
             Reply::Error(e) => Err(Failure::Refused(e)),
             other => Err(Failure::Protocol(format!("unexpected reply to SET: {other:?}"))),
+        }
+    }
+
+    /// Stores a body small enough to hold in memory as one command, which
+    /// (unlike a streamed upload) can be sent again on a new connection when
+    /// the server closed the one kept open, as a restart does.
+    fn set_small(&mut self, key: &[u8], size: u64, body: &InputStream) -> Result<(), Error> {
+        let mut bytes = Vec::with_capacity(size as usize);
+        copy_from_stream(body, &mut bytes)?;
+        if bytes.len() as u64 != size {
+            return Err(Error::Broken(format!("the host's body stream ended after {} of {size} bytes", bytes.len())));
+        }
+        let ttl = self.settings.ttl.map(|t| t.to_string());
+        let mut command: Vec<&[u8]> = vec![b"SET", key, &bytes];
+        if let Some(ttl) = &ttl {
+            command.extend([b"EX".as_slice(), ttl.as_bytes()]);
+        }
+        match self.call(&command, 0)? {
+            Reply::Simple(ok) if ok == "OK" => Ok(()),
+            other => Err(self.unexpected("SET", other)),
         }
     }
 
@@ -542,8 +562,11 @@ impl Backend for Redis {
             return Ok(());
         }
         let key = self.key("cas", output_id);
+        if size <= SEND_WITHOUT_ASKING {
+            return self.set_small(&key, size, body);
+        }
         // Bodies never change: a large one already there is not uploaded again.
-        if size > SEND_WITHOUT_ASKING && self.exists(&key)? {
+        if self.exists(&key)? {
             return Ok(());
         }
         let result = self.upload(&key, size, body);
