@@ -257,6 +257,22 @@ impl Response {
         Ok(total)
     }
 
+    /// Copies a body that must be exactly `size` bytes into the host's
+    /// `sink` (`what` names the request in messages): a length that says
+    /// otherwise is broken (the store holds something else), a body that
+    /// ends early is unavailable (the transfer broke).
+    pub fn body_into(&self, sink: &HostOutput, size: u64, what: &str) -> Result<(), Error> {
+        if let Some(length) = self.content_length.filter(|&n| n != size) {
+            return Err(Error::Broken(format!("{what}: the object has {length} bytes, the entry says {size}")));
+        }
+        // It stops before writing more than `size` bytes into the host's store.
+        let copied = self.copy_to(sink, size)?;
+        if copied != size {
+            return Err(Error::Unavailable(format!("{what}: the download ended after {copied} of {size} bytes")));
+        }
+        Ok(())
+    }
+
     /// At most `limit` bytes of the body (an entry line, an error document);
     /// the rest is left unread.
     pub fn bytes(&self, limit: usize) -> Result<Vec<u8>, Error> {

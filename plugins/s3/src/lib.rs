@@ -152,14 +152,7 @@ impl Backend for S3 {
         if response.status != 200 {
             return Err(self.refusal(&response, &what));
         }
-        if let Some(length) = response.content_length.filter(|&n| n != size) {
-            return Err(Error::Broken(format!("{what}: the object has {length} bytes, the entry says {size}")));
-        }
-        let copied = response.copy_to(sink, size)?;
-        if copied != size {
-            return Err(Error::Unavailable(format!("{what}: the download ended after {copied} of {size} bytes")));
-        }
-        Ok(())
+        response.body_into(sink, size, &what)
     }
 
     fn write_body(&mut self, output_id: &Digest, size: u64, body: &InputStream) -> Result<(), Error> {
