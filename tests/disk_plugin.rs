@@ -160,6 +160,7 @@ fn trimming_removes_what_went_unused() {
         age(&state.path().join("objects").join(&object[..2]).join(&object), Duration::from_secs(ago));
     }
     put_and_close(&["--dir", d, "--max-size", "50000", "--trim-interval", "0s"], 5, b"");
+    wait_for_trim(state.path());
     assert!(objects() <= 2, "local store trimmed to its size bound");
 }
 

@@ -37,6 +37,7 @@ fn trim_now(state: &Path, max_size: &str) {
     s.recv();
     let (status, _, stderr) = s.finish();
     assert!(status.success(), "{stderr}");
+    wait_for_trim(state);
 }
 
 #[test]
@@ -106,6 +107,7 @@ fn a_last_trim_in_the_future_does_not_stop_trimming() {
     fs::write(&marker, b"").unwrap();
     filetime::set_file_mtime(&marker, filetime::FileTime::from_system_time(SystemTime::now() + HOUR * 24)).unwrap();
     put_once(tmp.path(), 6, &[6; 1000]);
+    wait_for_trim(tmp.path());
     assert!(!old.exists(), "unused for 10 days (the default max age is 5): trimmed");
 }
 
@@ -154,4 +156,28 @@ fn every_put_reaches_a_plugin_that_keeps_only_entries() {
     assert_eq!(st["local_only_puts"], json!(0), "{st}");
     let entries = files_under(&tmp.path().join("plugins/disk/entries"));
     assert_eq!(entries.len(), n as usize, "every put's entry is in the plugin");
+}
+
+#[test]
+fn a_failed_background_trim_is_said_once_by_the_next_session_that_trims() {
+    let tmp = tempfile::tempdir().unwrap();
+    put_once(tmp.path(), 7, b"x");
+    wait_for_trim(tmp.path());
+    // What a trimming process leaves when it fails (see local/trimmer.rs).
+    fs::write(tmp.path().join("objects/trim-error"), "trimming the local store: reading objects/00: Input/output error")
+        .unwrap();
+    let closing = |trim_interval: &str| {
+        let (mut s, _) = Session::start(&["--dir", tmp.path().to_str().unwrap(), "--trim-interval", trim_interval]);
+        s.send_close(1);
+        assert!(s.recv().get("Err").is_none(), "close is never answered with an error");
+        let (status, _, stderr) = s.finish();
+        assert!(status.success(), "{stderr}");
+        wait_for_trim(tmp.path());
+        stderr
+    };
+    assert_eq!(closing("1000d"), "", "no trim due: nothing said yet");
+    let said = closing("0s");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.contains("Input/output error"), "{said}");
+    assert_eq!(closing("0s"), "", "said once");
 }

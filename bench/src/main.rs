@@ -15,6 +15,7 @@ mod link;
 mod netns;
 mod peers;
 mod remote;
+mod scale;
 mod servers;
 mod toxiproxy;
 
@@ -88,6 +89,8 @@ enum Part {
     Startup,
     Throughput,
     Big,
+    /// The cost as the store grows (a million outputs: minutes, and 9 GB of disk).
+    Scale,
     Remote,
 }
 
@@ -410,9 +413,14 @@ struct Host {
 
 impl Host {
     fn start(host: &Path, state: &Path) -> Result<(Host, Instant)> {
+        Host::start_with(host, state, &[])
+    }
+
+    fn start_with(host: &Path, state: &Path, args: &[&str]) -> Result<(Host, Instant)> {
         let started = Instant::now();
         let mut child = Command::new(host)
             .args(["--dir", state.to_str().unwrap()])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -423,6 +431,17 @@ impl Host {
         stdout.read_line(&mut caps)?;
         ensure!(caps.contains("KnownCommands"), "unexpected first line {caps:?}");
         Ok((Host { child, stdin, stdout }, started))
+    }
+
+    fn send(&mut self, request: &str) -> Result<()> {
+        self.stdin.write_all(request.as_bytes())?;
+        Ok(self.stdin.flush()?)
+    }
+
+    /// Another handle on the host's stdin, for a thread that writes while
+    /// this one reads.
+    fn stdin_handle(&self) -> Result<fs::File> {
+        self.stdin.try_clone_handle()
     }
 
     fn line(&mut self) -> Result<String> {
@@ -722,6 +741,12 @@ fn main() -> Result<()> {
             value: peak,
             bar: Bar::AtMost { bar: 256.0, goal: 64.0 },
         });
+    }
+
+    if wanted(Part::Scale) {
+        let plan = scale::Plan::new(args.quick);
+        eprintln!("the store grown to {} outputs, and a month of builds...", plan.outputs);
+        rows.append(&mut scale::run(&host, &work, &plan)?);
     }
 
     if wanted(Part::Remote) {

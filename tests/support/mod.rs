@@ -343,6 +343,19 @@ pub fn free_port() -> u16 {
 }
 
 /// Every file below `dir`, recursively.
+/// Waits for the trim a session of `state` started in the background (see
+/// host/src/local/trimmer.rs) to finish: it holds `objects/trim.lock` from
+/// before the session ends. Fails the test after a minute.
+pub fn wait_for_trim(state: &Path) {
+    use rustix::fs::{FlockOperation, flock};
+    let Ok(lock) = std::fs::File::open(state.join("objects/trim.lock")) else { return };
+    let until = Instant::now() + Duration::from_secs(60);
+    while flock(&lock, FlockOperation::NonBlockingLockShared).is_err() {
+        assert!(Instant::now() < until, "the background trim of {} did not finish within a minute", state.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::local::entries::LocalEntries;
 use crate::local::store::{Store, TrimPolicy};
-use crate::local::{LocalTier, sessions};
+use crate::local::{LocalTier, sessions, trimmer};
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::serve::request_log::RequestLog;
 use crate::serve::{self, Compression, Ending, Settings};
@@ -105,11 +105,11 @@ pub struct Cli {
     pub instances: Option<u16>,
 
     /// Local store: remove outputs not used for this long.
-    #[arg(long, env = "GOCP_MAX_AGE", value_name = "DURATION", default_value = "5d", value_parser = humantime::parse_duration)]
+    #[arg(global = true, long, env = "GOCP_MAX_AGE", value_name = "DURATION", default_value = "5d", value_parser = humantime::parse_duration)]
     pub max_age: Duration,
 
     /// Local store: keep at most this much, least recently used removed first.
-    #[arg(long, env = "GOCP_MAX_SIZE", value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
+    #[arg(global = true, long, env = "GOCP_MAX_SIZE", value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
     pub max_size: u64,
 
     /// Local store: look for outputs to remove at most this often.
@@ -181,6 +181,15 @@ pub enum Subcommand {
         /// Where to write the two files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+    /// Trim the local store of --dir now, to --max-age and --max-size (what a
+    /// go command's helper starts in the background once per --trim-interval);
+    /// waits for a trim in progress first, and prints what it removed.
+    Trim {
+        /// Started by a session, holding the trim's lock as stdin: runs at low
+        /// priority and leaves a failure in objects/trim-error.
+        #[arg(long, hide = true)]
+        detached: bool,
     },
 }
 
@@ -434,6 +443,9 @@ pub fn run() -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if let Some(Subcommand::Trim { detached }) = &cli.command {
+        return trim(&cli, *detached);
+    }
     let spec = match &cli.command {
         Some(Subcommand::PluginTest { plugin: Some(p) }) => p.clone(),
         _ => cli.plugin.clone(),
@@ -545,6 +557,26 @@ pub fn run() -> Result<ExitCode> {
     };
     let ending = serve::serve(Arc::new(plugin), LocalTier::new(store, entries), settings, input, output, &report);
     Ok(exit_code(ending))
+}
+
+/// `gocp-host trim`: trims now, whatever the interval.
+fn trim(cli: &Cli, detached: bool) -> Result<ExitCode> {
+    let dir = match &cli.dir {
+        Some(d) => std::path::absolute(d).with_context(|| format!("state directory {}", d.display()))?,
+        None => default_dir()?,
+    };
+    let policy = TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: Duration::ZERO };
+    let report = trimmer::run(&dir, &policy, detached).map_err(|e| anyhow!(e))?;
+    if !detached {
+        // stdout: this is a command of its own, not a go command's helper.
+        println!(
+            "removed {} files ({}); kept {}",
+            report.removed_files,
+            bytesize::ByteSize(report.removed_bytes),
+            bytesize::ByteSize(report.kept_bytes)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How to run the plugin, from the flags: for serving and for `plugin-test`.

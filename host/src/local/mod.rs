@@ -2,9 +2,10 @@
 //!
 //! It owns the object store (the files the go command reads, `store`), the
 //! entries kept here for a backend that keeps bodies elsewhere (`entries`),
-//! the puts answered but not yet recorded by the backend, and the register
-//! of running sessions that trimming must spare (`sessions`). A get that it
-//! can answer never reaches the backend.
+//! the puts answered but not yet recorded by the backend, the register of
+//! running sessions that trimming must spare (`sessions`), and trimming in a
+//! process of its own (`trimmer`). A get that it can answer never reaches the
+//! backend.
 //!
 //! It never calls the backend, and it never decides policy: when to ask the
 //! backend, and what to do when it fails, is the serving core's.
@@ -12,6 +13,7 @@
 pub mod entries;
 pub mod sessions;
 pub mod store;
+pub mod trimmer;
 
 use std::collections::HashMap;
 use std::io;
@@ -88,19 +90,14 @@ impl LocalTier {
         }
     }
 
-    /// Trims the store if due, sparing what sessions running in `state_dir`
-    /// may use, then the local entries to the bodies still stored. `Err`
-    /// says what failed, for one line to the user.
+    /// Starts a trim of the store and the local entries in the background,
+    /// if one is due (see `trimmer`). `Err` says what failed, for one line to
+    /// the user.
     pub fn trim(&self, policy: &TrimPolicy, state_dir: &Path) -> Result<(), String> {
-        let report = self
-            .store
-            .trim(policy, sessions::oldest_running(state_dir))
-            .map_err(|e| format!("trimming the local store: {e}"))?;
-        if let (true, Some(entries)) = (report.ran, &self.entries) {
-            entries
-                .trim(|e| self.store.contains(&e.output_id, e.size))
-                .map_err(|e| format!("trimming local entries: {e}"))?;
+        match self.store.claim_trim(policy) {
+            Ok(true) => trimmer::start(state_dir, policy),
+            Ok(false) => Ok(()),
+            Err(e) => Err(format!("trimming the local store: {e}")),
         }
-        Ok(())
     }
 }

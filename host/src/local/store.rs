@@ -176,12 +176,10 @@ impl Store {
         self.commit(writer, output_id, bytes.len() as u64)
     }
 
-    /// Applies `policy` if the last trim is older than its interval. Nothing
-    /// used since `oldest_session` started (the oldest go command still being
-    /// served from this directory, see `sessions`) or within the last hour is
-    /// removed, whatever the size: a go command must never lose a file it was
-    /// handed.
-    pub fn trim(&self, policy: &TrimPolicy, oldest_session: Option<SystemTime>) -> io::Result<TrimReport> {
+    /// Whether a trim is due (the last one began `policy.interval` ago or
+    /// more); if so, claims it by dating the marker now, so that concurrent go
+    /// commands skip it.
+    pub fn claim_trim(&self, policy: &TrimPolicy) -> io::Result<bool> {
         let now = SystemTime::now();
         let marker = self.objects.join("last-trim");
         // A last trim in the future (the clock was ahead) says nothing: trim,
@@ -190,12 +188,21 @@ impl Store {
             && let Ok(since) = now.duration_since(meta.modified()?)
             && since < policy.interval
         {
-            return Ok(TrimReport::default());
+            return Ok(false);
         }
-        // Claim the trim first: concurrent go commands then skip it.
         fs::write(&marker, b"").map_err(|e| annotate(e, "writing", &marker))?;
         filetime::set_file_mtime(&marker, filetime::FileTime::from_system_time(now))?;
+        Ok(true)
+    }
 
+    /// Removes temporary files a killed process left, bodies unused for
+    /// `policy.max_age`, then the least recently used until at most
+    /// `policy.max_size` bytes remain; whatever the size, never one used
+    /// since `oldest_session` began (the oldest go command still served from
+    /// this directory, see `sessions`) nor within the last hour: a go command
+    /// must never lose a file it was handed.
+    pub fn trim_now(&self, policy: &TrimPolicy, oldest_session: Option<SystemTime>) -> io::Result<TrimReport> {
+        let now = SystemTime::now();
         let mut report = TrimReport { ran: true, ..Default::default() };
         for entry in fs::read_dir(&self.tmp)?.flatten() {
             if let Ok(meta) = entry.metadata()
@@ -289,6 +296,14 @@ impl Write for BodyWriter {
 mod tests {
     use super::*;
 
+    /// What a session does at its end, in this process.
+    fn trim(store: &Store, policy: &TrimPolicy, oldest_session: Option<SystemTime>) -> TrimReport {
+        if !store.claim_trim(policy).unwrap() {
+            return TrimReport::default();
+        }
+        store.trim_now(policy, oldest_session).unwrap()
+    }
+
     fn sha(bytes: &[u8]) -> Digest {
         Sha256::digest(bytes).into()
     }
@@ -352,7 +367,7 @@ mod tests {
             max_size: 2000,
             interval: Duration::from_secs(3600),
         };
-        let report = store.trim(&policy, None).unwrap();
+        let report = trim(&store, &policy, None);
         assert_eq!(
             report,
             TrimReport { ran: true, removed_files: 2, removed_bytes: 2000, kept_bytes: 2000, kept_in_use_bytes: 0 }
@@ -360,7 +375,7 @@ mod tests {
         let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
         assert_eq!(exists, [false, false, true, true]);
         // Within the interval nothing runs.
-        assert!(!store.trim(&policy, None).unwrap().ran);
+        assert!(!trim(&store, &policy, None).ran);
     }
 
     /// Stores four 1000-byte bodies last used `ages` ago.
@@ -388,12 +403,12 @@ mod tests {
         let policy = TrimPolicy { max_age: hour * 1000, max_size: 0, interval: Duration::ZERO };
         // A session that started 15 hours ago may hold anything used since
         // 16 hours ago (uses refresh times hourly).
-        let report = store.trim(&policy, Some(SystemTime::now() - hour * 15)).unwrap();
+        let report = trim(&store, &policy, Some(SystemTime::now() - hour * 15));
         let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
         assert_eq!(exists, [false, false, true, true]);
         assert_eq!(report.kept_in_use_bytes, 2000);
         // With no session running, what was used within the hour stays all the same.
-        store.trim(&policy, None).unwrap();
+        trim(&store, &policy, None);
         let exists: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
         assert_eq!(exists, [false, false, false, true]);
     }
@@ -408,7 +423,7 @@ mod tests {
         fs::write(&marker, b"").unwrap();
         filetime::set_file_mtime(&marker, filetime::FileTime::from_system_time(SystemTime::now() + day)).unwrap();
         let policy = TrimPolicy { max_age: day * 5, max_size: u64::MAX, interval: day };
-        assert!(store.trim(&policy, None).unwrap().ran);
+        assert!(trim(&store, &policy, None).ran);
         assert!(paths.iter().all(|p| !p.exists()), "outputs unused for 10 days are trimmed");
     }
 

@@ -1,0 +1,341 @@
+//! The cost as the store grows: a store of many small outputs (and a few
+//! large ones) against a nearly empty one, and a simulated month of daily
+//! builds.
+//!
+//! A runner's cache holds hundreds of thousands of outputs after weeks; what
+//! a go command pays for that must not grow with it. Both stores hold the
+//! same probe entries, so every figure compares like with like: start-up to
+//! the first get answered, one get or one put at a time, the helper's peak
+//! memory, and the close of a session whose trim is due (what the go command
+//! waits for before it exits).
+//!
+//! The month runs a build a day against one state directory with small
+//! limits, shifting every file time in it back a day between builds, as if a
+//! day had passed; at the end the store must be within its limits and an
+//! unchanged build must hit every time.
+//!
+//! It drives gocp-host only through the protocol; the only writes it makes
+//! into a state directory are those time shifts.
+
+use std::fs::{self, File, FileTimes};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, ensure};
+
+use crate::{Bar, Host, Row, action, get_line, median, put_line};
+
+/// Probe entries in both stores: what gets and the first get look up.
+const PROBES: u64 = 1000;
+/// Fills are sent in sessions of this many puts, as builds would.
+const FILL_SESSION: u64 = 50_000;
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// Action numbers of each kind of output, far apart.
+const PROBE_BASE: u64 = 1 << 40;
+const MEASURE_BASE: u64 = 2 << 40;
+const LARGE_BASE: u64 = 3 << 40;
+const STABLE_BASE: u64 = 4 << 40;
+const DAILY_BASE: u64 = 5 << 40;
+
+pub struct Plan {
+    /// Small outputs in the big store.
+    pub outputs: u64,
+    /// Large outputs in the big store, and their size.
+    pub large: u64,
+    pub large_size: usize,
+    /// Days in the month, outputs in its daily build and how many of them
+    /// change each day.
+    pub days: u64,
+    pub build: u64,
+    pub changing: u64,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan { outputs: 20_000, large: 2, large_size: 1 << 20, days: 8, build: 300, changing: 30 }
+        } else {
+            Plan { outputs: 1_000_000, large: 4, large_size: 64 << 20, days: 30, build: 2000, changing: 200 }
+        }
+    }
+}
+
+/// What one session on a store costs.
+struct Costs {
+    startup_ms: f64,
+    get_us: (f64, f64),
+    put_us: (f64, f64),
+    peak_mib: f64,
+    /// Close requested to close answered, with a trim due.
+    close_ms: f64,
+    files: u64,
+    bytes: u64,
+}
+
+pub fn run(host: &Path, work: &Path, plan: &Plan) -> Result<Vec<Row>> {
+    let empty = work.join("scale-empty");
+    let big = work.join("scale-big");
+    let drain = ["--drain-timeout", "30m"];
+    fill(host, &empty, &drain, PROBE_BASE, PROBES, small_body)?;
+    let started = Instant::now();
+    fill(host, &big, &drain, 0, plan.outputs, small_body)?;
+    fill(host, &big, &drain, LARGE_BASE, plan.large, |i| large_body(i, plan.large_size))?;
+    fill(host, &big, &drain, PROBE_BASE, PROBES, small_body)?;
+    eprintln!("  filled a store with {} outputs in {:.0} s", plan.outputs + plan.large + PROBES, started.elapsed().as_secs_f64());
+
+    // Alternating, twice each; the second of each is reported (the first
+    // brings the store's directories into the page cache, as on a runner
+    // that used it a moment ago).
+    let mut costs = Vec::new();
+    for round in 0..2 {
+        for (state, name) in [(&empty, "empty"), (&big, "big")] {
+            let c = measure(host, state, MEASURE_BASE + (round * 2 + u64::from(name == "big")) * PROBES)?;
+            if round == 1 {
+                costs.push(c);
+            }
+        }
+    }
+    let (e, b) = (&costs[0], &costs[1]);
+    let size = format!("{} outputs, {:.1} GiB", b.files, b.bytes as f64 / (1u64 << 30) as f64);
+    let small = e.files;
+    let against = |what: &str, unit: &str, e: f64, b: f64| Row {
+        figure: format!("{what}, store of {size} / store of {small} outputs"),
+        gocp: format!("{b:.2} {unit} / {e:.2} {unit}"),
+        builtin: "-".into(),
+        value: b / e,
+        bar: Bar::AtMost { bar: 1.5, goal: 1.1 },
+    };
+    let mut rows = vec![
+        against("spawn to first get answered", "ms", e.startup_ms, b.startup_ms),
+        against("one get (a hit), median", "us", e.get_us.0, b.get_us.0),
+        against("one get (a hit), 99th percentile", "us", e.get_us.1, b.get_us.1),
+        against("one put, median", "us", e.put_us.0, b.put_us.0),
+        against("one put, 99th percentile", "us", e.put_us.1, b.put_us.1),
+        against("peak memory of gocp-host", "MiB", e.peak_mib, b.peak_mib),
+        against("close with a trim due (the go command waits for it)", "ms", e.close_ms, b.close_ms),
+    ];
+    rows.extend(month(host, work, plan)?);
+    Ok(rows)
+}
+
+fn small_body(i: u64) -> Vec<u8> {
+    format!("scale output {i}").into_bytes()
+}
+
+fn large_body(i: u64, size: usize) -> Vec<u8> {
+    let mut body = vec![0u8; size];
+    for (k, b) in body.iter_mut().enumerate() {
+        *b = ((k as u64).wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8;
+    }
+    body
+}
+
+/// Puts outputs `base..base+n` in sessions of `FILL_SESSION`, each closed
+/// (so recorded) before the next.
+fn fill(host: &Path, state: &Path, args: &[&str], base: u64, n: u64, body: impl Fn(u64) -> Vec<u8>) -> Result<()> {
+    let mut done = 0;
+    while done < n {
+        let count = (n - done).min(FILL_SESSION);
+        let (mut h, _) = Host::start_with(host, state, args)?;
+        let mut puts = String::new();
+        for i in done..done + count {
+            puts.push_str(&put_line(i + 1, &action(base + i), &body(base + i)));
+        }
+        let mut stdin = h.stdin_handle()?;
+        let writer = std::thread::spawn(move || stdin.write_all(puts.as_bytes()));
+        for _ in 0..count {
+            let l = h.line()?;
+            ensure!(l.contains("\"DiskPath\""), "a put failed while filling: {l}");
+        }
+        writer.join().unwrap()?;
+        h.close()?;
+        done += count;
+    }
+    Ok(())
+}
+
+/// One session's costs on `state`, whose probes are all there; the puts use
+/// fresh actions from `fresh`.
+fn measure(host: &Path, state: &Path, fresh: u64) -> Result<Costs> {
+    make_trim_due(state)?;
+    let (mut h, started) = Host::start_with(host, state, &[])?;
+    let ask = |h: &mut Host, request: String| -> Result<(f64, String)> {
+        let t = Instant::now();
+        h.send(&request)?;
+        let answer = h.line()?;
+        Ok((t.elapsed().as_secs_f64() * 1e6, answer))
+    };
+    let (_, first) = ask(&mut h, get_line(1, &action(PROBE_BASE)))?;
+    let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
+    ensure!(first.contains("\"DiskPath\""), "the first probe was not a hit: {first}");
+    let mut gets = Vec::new();
+    for i in 1..PROBES {
+        let (us, answer) = ask(&mut h, get_line(i + 1, &action(PROBE_BASE + i)))?;
+        ensure!(answer.contains("\"DiskPath\""), "probe {i} was not a hit: {answer}");
+        gets.push(us);
+    }
+    let mut puts = Vec::new();
+    for i in 0..PROBES {
+        let (us, answer) = ask(&mut h, put_line(PROBES + i + 1, &action(fresh + i), &small_body(fresh + i)))?;
+        ensure!(answer.contains("\"DiskPath\""), "a put failed: {answer}");
+        puts.push(us);
+    }
+    let closing = Instant::now();
+    let peak = h.close()?;
+    let close_ms = closing.elapsed().as_secs_f64() * 1000.0;
+    let (files, bytes) = objects(state)?;
+    Ok(Costs {
+        startup_ms,
+        get_us: (median(&mut gets), percentile(&mut gets, 0.99)),
+        put_us: (median(&mut puts), percentile(&mut puts, 0.99)),
+        peak_mib: peak as f64 / 1024.0,
+        close_ms,
+        files,
+        bytes,
+    })
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Dates the last trim of the local store and of the disk plugin two days
+/// back, so the session's close trims.
+fn make_trim_due(state: &Path) -> Result<()> {
+    let then = SystemTime::now() - 2 * DAY;
+    for marker in ["objects/last-trim", "plugins/disk/last-trim"] {
+        let path = state.join(marker);
+        if path.exists() {
+            set_mtime(&path, then)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mtime(path: &Path, t: SystemTime) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.set_times(FileTimes::new().set_modified(t).set_accessed(t)))
+        .with_context(|| format!("setting the time of {}", path.display()))
+}
+
+/// The bodies in the local store: how many, and their bytes.
+fn objects(state: &Path) -> Result<(u64, u64)> {
+    let (mut files, mut bytes) = (0, 0);
+    for shard in fs::read_dir(state.join("objects"))?.flatten() {
+        if shard.file_name().len() != 2 || !shard.file_type()?.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(shard.path())?.flatten() {
+            files += 1;
+            bytes += f.metadata()?.len();
+        }
+    }
+    Ok((files, bytes))
+}
+
+/// Every file and directory time under `dir`, moved back by `by`.
+fn shift_back(dir: &Path, by: Duration) -> Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            shift_back(&path, by)?;
+        }
+        set_mtime(&path, meta.modified()? - by)?;
+    }
+    Ok(())
+}
+
+/// A build a day for `plan.days` days, with limits a month outgrows: each
+/// build gets every output and puts what missed, as the go command does;
+/// most outputs are the same every day, `plan.changing` are new each day.
+fn month(host: &Path, work: &Path, plan: &Plan) -> Result<Vec<Row>> {
+    let state = work.join("scale-month");
+    let body_size = 16 << 10;
+    // Room for the stable outputs and a few days of changes, not a month's.
+    let stable_bytes = (plan.build - plan.changing) * body_size as u64;
+    let max_size = stable_bytes + 4 * plan.changing * body_size as u64;
+    let max_size_arg = max_size.to_string();
+    let args = ["--max-size", &max_size_arg, "--max-age", "5d", "--trim-interval", "1d"];
+    let outputs = |day: u64| -> Vec<u64> {
+        let stable = (0..plan.build - plan.changing).map(|i| STABLE_BASE + i);
+        stable.chain((0..plan.changing).map(|i| DAILY_BASE + day * plan.changing + i)).collect()
+    };
+    let mut first_hits = 0.0;
+    let mut worst_close = 0.0f64;
+    let mut peak_bytes = 0;
+    for day in 0..plan.days {
+        if day > 0 {
+            shift_back(&state, DAY)?;
+        }
+        let (hits, close_ms) = build(host, &state, &args, &outputs(day), body_size)?;
+        if day == 1 {
+            first_hits = hits;
+        }
+        worst_close = worst_close.max(close_ms);
+        peak_bytes = peak_bytes.max(objects(&state)?.1);
+    }
+    let (again, _) = build(host, &state, &args, &outputs(plan.days - 1), body_size)?;
+    let (files, bytes) = objects(&state)?;
+    eprintln!(
+        "  month: day 2 hit rate {:.3}, largest store {peak_bytes} bytes (limit {max_size}), {files} bodies at the end",
+        first_hits
+    );
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(vec![
+        Row {
+            figure: format!(
+                "a month of daily builds ({} outputs, {} new a day, {:.1} MiB limit): largest store after a close / limit",
+                plan.build,
+                plan.changing,
+                mib(max_size)
+            ),
+            gocp: format!("{:.1} MiB, {files} bodies (largest {:.1} MiB)", mib(bytes), mib(peak_bytes)),
+            builtin: "-".into(),
+            value: peak_bytes as f64 / max_size as f64,
+            bar: Bar::AtMost { bar: 1.0, goal: 1.0 },
+        },
+        Row {
+            figure: "a month of daily builds: hit rate of the last day's build run again".into(),
+            gocp: format!("{:.1} %", again * 100.0),
+            builtin: "-".into(),
+            value: again,
+            bar: Bar::AtLeast { bar: 1.0, goal: 1.0 },
+        },
+        Row {
+            figure: "a month of daily builds: slowest close, trim due every day (ms)".into(),
+            gocp: format!("{worst_close:.0} ms"),
+            builtin: "-".into(),
+            value: worst_close,
+            bar: Bar::None,
+        },
+    ])
+}
+
+/// One build: a get of every output, a put of each that missed. Returns the
+/// hit rate and how long the close took.
+fn build(host: &Path, state: &Path, args: &[&str], outputs: &[u64], body_size: usize) -> Result<(f64, f64)> {
+    let (mut h, _) = Host::start_with(host, state, args)?;
+    let mut hits = 0;
+    let mut id = 0;
+    for &n in outputs {
+        id += 1;
+        h.send(&get_line(id, &action(n)))?;
+        let answer = h.line()?;
+        if answer.contains("\"DiskPath\"") {
+            hits += 1;
+            continue;
+        }
+        id += 1;
+        let mut body = format!("month output {n} ").into_bytes();
+        body.resize(body_size, b'.');
+        h.send(&put_line(id, &action(n), &body))?;
+        let put = h.line()?;
+        ensure!(put.contains("\"DiskPath\""), "a put failed: {put}");
+    }
+    let closing = Instant::now();
+    h.close()?;
+    Ok((hits as f64 / outputs.len() as f64, closing.elapsed().as_secs_f64() * 1000.0))
+}

@@ -1,0 +1,125 @@
+//! Trimming the local tier in a process of its own, so that no go command
+//! waits for it.
+//!
+//! A trim lists every body in the store: with a million of them that takes
+//! seconds, and the go command waits for its helper's answer to `close`
+//! before it exits (and kills the helper once it has it). So a session that
+//! ends with a trim due claims it and starts `gocp-host trim --detached` in a
+//! process group of its own, at low priority, and answers at once.
+//!
+//! `objects/trim.lock` is held from the moment the trim is claimed until the
+//! trim is done: the session locks it and hands the locked file to the
+//! trimming process as its stdin (a `flock` belongs to the open file, which
+//! the child shares), so `gocp-host trim` and tests can wait for a trim that
+//! a session started, with no moment where it looks finished. A trim that
+//! fails writes why in `objects/trim-error`; the next session that starts a
+//! trim says it, once.
+//!
+//! It owns those two files and the trimming process; what a trim removes is
+//! `Store::trim_now`'s and `LocalEntries::trim`'s to decide.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use rustix::fs::{FlockOperation, flock};
+
+use super::entries::LocalEntries;
+use super::sessions;
+use super::store::{Store, TrimPolicy, TrimReport};
+
+/// Niceness of the trimming process: builds running meanwhile come first.
+const NICENESS: i32 = 10;
+
+fn lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("objects").join("trim.lock")
+}
+
+fn error_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("objects").join("trim-error")
+}
+
+fn open_lock(state_dir: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path(state_dir))
+}
+
+/// Starts a claimed trim in the background. `Err` says what went wrong, for
+/// one line to the user: starting it, or the last trim (reported once).
+pub fn start(state_dir: &Path, policy: &TrimPolicy) -> Result<(), String> {
+    let last_error = fs::read_to_string(error_path(state_dir)).ok().filter(|e| !e.trim().is_empty());
+    if last_error.is_some() {
+        let _ = fs::remove_file(error_path(state_dir));
+    }
+    let lock = open_lock(state_dir).map_err(|e| format!("trimming: opening {}: {e}", lock_path(state_dir).display()))?;
+    if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+        // The last trim is still running: this one is not needed.
+        return last_error.map_or(Ok(()), Err);
+    }
+    let spawned = std::env::current_exe().and_then(|exe| {
+        Command::new(exe)
+            .arg("trim")
+            .arg("--detached")
+            .arg("--dir")
+            .arg(state_dir)
+            .arg("--max-age")
+            .arg(format!("{}s", policy.max_age.as_secs()))
+            .arg("--max-size")
+            .arg(policy.max_size.to_string())
+            .stdin(Stdio::from(lock))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Not in the go command's process group: nothing sent to the
+            // build reaches it.
+            .process_group(0)
+            .spawn()
+    });
+    match (spawned, last_error) {
+        (Err(e), _) => Err(format!("trimming: starting gocp-host trim: {e}")),
+        (Ok(_), Some(last)) => Err(last),
+        (Ok(_), None) => Ok(()),
+    }
+}
+
+/// `gocp-host trim`: trims the store of `state_dir` now, and its local
+/// entries if it has any. Detached (started by [`start`]), the lock is
+/// already held through stdin and a failure goes to `objects/trim-error`;
+/// otherwise it waits for a trim in progress, then trims.
+pub fn run(state_dir: &Path, policy: &TrimPolicy, detached: bool) -> Result<TrimReport, String> {
+    let _held = if detached {
+        // Only speed is at stake.
+        let _ = rustix::process::nice(NICENESS);
+        None
+    } else {
+        if !state_dir.join("objects").is_dir() {
+            return Err(format!("{} holds no local store", state_dir.display()));
+        }
+        let lock = open_lock(state_dir).map_err(|e| format!("opening {}: {e}", lock_path(state_dir).display()))?;
+        flock(&lock, FlockOperation::LockExclusive).map_err(|e| format!("waiting for the trim in progress: {e}"))?;
+        Some(lock)
+    };
+    let result = trim_now(state_dir, policy);
+    if detached && let Err(e) = &result {
+        let _ = fs::write(error_path(state_dir), e);
+    }
+    result
+}
+
+fn trim_now(state_dir: &Path, policy: &TrimPolicy) -> Result<TrimReport, String> {
+    // Opening the store creates it: not for a directory removed meanwhile.
+    if !state_dir.join("objects").is_dir() {
+        return Ok(TrimReport::default());
+    }
+    let store = Store::open(state_dir).map_err(|e| format!("trimming the local store: {e}"))?;
+    let report = store
+        .trim_now(policy, sessions::oldest_running(state_dir))
+        .map_err(|e| format!("trimming the local store: {e}"))?;
+    if state_dir.join("entries").is_dir() {
+        let entries = LocalEntries::open(state_dir).map_err(|e| format!("trimming local entries: {e}"))?;
+        entries
+            .trim(|e| store.contains(&e.output_id, e.size))
+            .map_err(|e| format!("trimming local entries: {e}"))?;
+    }
+    Ok(report)
+}
