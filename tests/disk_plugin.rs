@@ -187,6 +187,10 @@ fn trimming_a_large_directory_makes_progress_at_every_run() {
     let n = 60_000;
     stale_entries(shared.path(), n);
     let grant = format!("{}:/shared", shared.path().display());
+    // The local store's trim is not due, so no background trim finishes the
+    // plugin's pass: only each go command's own step does.
+    fs::create_dir_all(state.path().join("objects")).unwrap();
+    fs::write(state.path().join("objects/last-trim"), b"").unwrap();
     // More files than one finish call can even list within its deadline.
     let args = [
         "--dir",
@@ -227,6 +231,25 @@ fn trimming_a_large_directory_makes_progress_at_every_run() {
     assert_eq!(left(), 0, "all {n} stale entries trimmed, a step per run: {counts:?}");
     assert!(counts.len() > 2, "in several runs, each within its deadline: {counts:?}");
     assert!(said_behind >= 1, "a pass longer than the trim interval is said: {counts:?}");
+}
+
+#[test]
+fn a_large_trim_is_finished_in_the_background_after_the_go_command_has_its_answer() {
+    let shared = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let n = 60_000;
+    stale_entries(shared.path(), n);
+    let grant = format!("{}:/shared", shared.path().display());
+    let d = state.path().to_str().unwrap();
+    let (mut s, _) = Session::start(&["--dir", d, "--allow-dir", &grant, "--config", "path=/shared"]);
+    s.send_close(1);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    let left_at_close = files_under(&shared.path().join("entries")).len();
+    assert!(left_at_close > 0, "one go command's step cannot trim {n} entries");
+    wait_for_trim(state.path());
+    assert_eq!(files_under(&shared.path().join("entries")).len(), 0, "the background trim finished the pass");
 }
 
 #[test]

@@ -29,7 +29,7 @@ fn host_pids(state: &Path) -> Vec<u32> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.starts_with(BIN) && cmdline.contains(needle) {
+        if cmdline.starts_with(&*BIN) && cmdline.contains(needle) {
             pids.push(pid);
         }
     }

@@ -234,7 +234,7 @@ fn starting_never_waits_on_dns() {
         "mirror.gocp-test.example:8080",
     ];
     let started = Instant::now();
-    let (mut s, caps) = Session::start_command(dns.command(BIN, &args));
+    let (mut s, caps) = Session::start_command(dns.command(&BIN, &args));
     let took = started.elapsed();
     assert_eq!(caps["ID"], json!(0));
     assert_eq!(dns.names(), Vec::<String>::new(), "nothing was resolved to start");

@@ -451,7 +451,7 @@ fn only_granted_names_are_ever_looked_up() {
         "--allow-net",
         "localhost:9",
     ];
-    let (s, _) = Session::start_command(dns.command(BIN, &args));
+    let (s, _) = Session::start_command(dns.command(&BIN, &args));
     let (status, _, stderr) = s.finish();
     assert!(status.success(), "{stderr}");
     let report = fs::read_to_string(tmp.path().join("plugins/hostile/report")).unwrap();

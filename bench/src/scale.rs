@@ -30,6 +30,8 @@ use crate::{Bar, Host, Row, action, get_line, median, put_line};
 const PROBES: u64 = 1000;
 /// Fills are sent in sessions of this many puts, as builds would.
 const FILL_SESSION: u64 = 50_000;
+/// Short sessions per store whose start-up and close are measured.
+const SHORT_SESSIONS: u64 = 15;
 const DAY: Duration = Duration::from_secs(24 * 3600);
 /// Action numbers of each kind of output, far apart.
 const PROBE_BASE: u64 = 1 << 40;
@@ -63,12 +65,14 @@ impl Plan {
 
 /// What one session on a store costs.
 struct Costs {
+    /// Medians over short sessions with no trim due.
     startup_ms: f64,
+    close_ms: f64,
     get_us: (f64, f64),
     put_us: (f64, f64),
     peak_mib: f64,
     /// Close requested to close answered, with a trim due.
-    close_ms: f64,
+    trim_close_ms: f64,
     /// Close requested to the end of the trim it started in the background.
     trim_s: f64,
     files: u64,
@@ -118,13 +122,23 @@ pub fn run(host: &Path, work: &Path, plan: &Plan) -> Result<Vec<Row>> {
         bar: Bar::AtMost { bar: 1.5, goal: 1.1 },
     };
     let mut rows = vec![
-        against("spawn to first get answered", "ms", e.startup_ms, b.startup_ms),
+        against("spawn to first get answered (a hit), median", "ms", e.startup_ms, b.startup_ms),
+        against("close, no trim due, median", "ms", e.close_ms, b.close_ms),
         against("one get (a hit), median", "us", e.get_us.0, b.get_us.0),
         against("one get (a hit), 99th percentile", "us", e.get_us.1, b.get_us.1),
         against("one put, median", "us", e.put_us.0, b.put_us.0),
         against("one put, 99th percentile", "us", e.put_us.1, b.put_us.1),
         against("peak memory of gocp-host", "MiB", e.peak_mib, b.peak_mib),
-        against("close with a trim due (the go command waits for it)", "ms", e.close_ms, b.close_ms),
+        Row {
+            // Once per --trim-interval: the store's trim is started in the
+            // background; the disk plugin's `finish` still takes one bounded
+            // step of its own pass (see plugins/disk/src/trim.rs).
+            figure: format!("close with a trim due, store of {size} / store of {small} outputs (context)"),
+            gocp: format!("{:.2} ms / {:.2} ms", b.trim_close_ms, e.trim_close_ms),
+            builtin: "-".into(),
+            value: b.trim_close_ms / e.trim_close_ms,
+            bar: Bar::None,
+        },
         Row {
             figure: format!("the trim of the store of {size}, in the background after close (context)"),
             gocp: format!("{:.1} s (store of {small}: {:.2} s)", b.trim_s, e.trim_s),
@@ -176,17 +190,26 @@ fn fill(host: &Path, state: &Path, args: &[&str], base: u64, n: u64, body: impl 
 /// One session's costs on `state`, whose probes are all there; the puts use
 /// fresh actions from `fresh`.
 fn measure(host: &Path, state: &Path, fresh: u64) -> Result<Costs> {
-    make_trim_due(state)?;
-    let (mut h, started) = Host::start_with(host, state, &[])?;
     let ask = |h: &mut Host, request: String| -> Result<(f64, String)> {
         let t = Instant::now();
         h.send(&request)?;
         let answer = h.line()?;
         Ok((t.elapsed().as_secs_f64() * 1e6, answer))
     };
-    let (_, first) = ask(&mut h, get_line(1, &action(PROBE_BASE)))?;
-    let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
-    ensure!(first.contains("\"DiskPath\""), "the first probe was not a hit: {first}");
+    // Short sessions with no trim due, as most go commands are: spawn to a
+    // first get answered (a hit), and close.
+    let (mut starts, mut closes) = (Vec::new(), Vec::new());
+    for i in 0..SHORT_SESSIONS {
+        let (mut h, started) = Host::start_with(host, state, &[])?;
+        let (_, first) = ask(&mut h, get_line(1, &action(PROBE_BASE + i)))?;
+        starts.push(started.elapsed().as_secs_f64() * 1000.0);
+        ensure!(first.contains("\"DiskPath\""), "probe {i} was not a hit: {first}");
+        let closing = Instant::now();
+        h.close()?;
+        closes.push(closing.elapsed().as_secs_f64() * 1000.0);
+    }
+    make_trim_due(state)?;
+    let (mut h, _) = Host::start_with(host, state, &[])?;
     let mut gets = Vec::new();
     for i in 1..PROBES {
         let (us, answer) = ask(&mut h, get_line(i + 1, &action(PROBE_BASE + i)))?;
@@ -201,18 +224,19 @@ fn measure(host: &Path, state: &Path, fresh: u64) -> Result<Costs> {
     }
     let closing = Instant::now();
     let peak = h.close()?;
-    let close_ms = closing.elapsed().as_secs_f64() * 1000.0;
+    let trim_close_ms = closing.elapsed().as_secs_f64() * 1000.0;
     // The trim that close started runs on in the background: let it end
     // before anything else is measured.
     wait_for_trim(state)?;
     let trim_s = closing.elapsed().as_secs_f64();
     let (files, bytes) = objects(state)?;
     Ok(Costs {
-        startup_ms,
+        startup_ms: median(&mut starts),
+        close_ms: median(&mut closes),
         get_us: (median(&mut gets), percentile(&mut gets, 0.99)),
         put_us: (median(&mut puts), percentile(&mut puts, 0.99)),
         peak_mib: peak as f64 / 1024.0,
-        close_ms,
+        trim_close_ms,
         trim_s,
         files,
         bytes,
@@ -288,6 +312,7 @@ fn shift_back(dir: &Path, by: Duration) -> Result<()> {
 /// most outputs are the same every day, `plan.changing` are new each day.
 fn month(host: &Path, work: &Path, plan: &Plan) -> Result<Vec<Row>> {
     let state = work.join("scale-month");
+    let _ = fs::remove_dir_all(&state);
     let body_size = 16 << 10;
     // Room for the stable outputs and a few days of changes, not a month's.
     let stable_bytes = (plan.build - plan.changing) * body_size as u64;

@@ -20,7 +20,37 @@ pub mod remote;
 pub mod servers;
 pub mod stall;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_gocp-host");
+/// The gocp-host under test: the one cargo built for these tests, or the one
+/// `GOCP_TEST_HOST` names (the static musl build, say).
+pub const BIN: Bin = Bin;
+
+pub struct Bin;
+
+impl std::ops::Deref for Bin {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        static PATH: OnceLock<String> = OnceLock::new();
+        PATH.get_or_init(|| {
+            std::env::var("GOCP_TEST_HOST")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_gocp-host").to_string())
+        })
+    }
+}
+
+impl std::fmt::Display for Bin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Bin {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        std::ffi::OsStr::new(&**self)
+    }
+}
 
 /// How long any single response may take before a test gives up: generous,
 /// because CI machines are shared, but bounded so a hang fails instead of

@@ -11,7 +11,7 @@ use std::io::{self, BufReader, IsTerminal};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::local::entries::LocalEntries;
 use crate::local::store::{Store, TrimPolicy};
+use crate::backend::{Backend, Deadline, Progress};
 use crate::local::{LocalTier, sessions, trimmer};
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::serve::request_log::RequestLog;
@@ -567,6 +568,13 @@ fn trim(cli: &Cli, detached: bool) -> Result<ExitCode> {
     };
     let policy = TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: Duration::ZERO };
     let report = trimmer::run(&dir, &policy, detached).map_err(|e| anyhow!(e))?;
+    if let Err(e) = housekeeping(cli, &dir) {
+        let why = format!("the plugin's housekeeping: {e:#}");
+        if !detached {
+            bail!(why);
+        }
+        trimmer::record_failure(&dir, &why);
+    }
     if !detached {
         // stdout: this is a command of its own, not a go command's helper.
         println!(
@@ -577,6 +585,31 @@ fn trim(cli: &Cli, detached: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `gocp-host trim` keeps calling the plugin's `finish`, at most.
+const HOUSEKEEPING_LIMIT: Duration = Duration::from_secs(600);
+/// A `finish` this quick had no housekeeping left to do.
+const HOUSEKEEPING_DONE: Duration = Duration::from_millis(50);
+
+/// Calls the plugin's `finish` until it has no housekeeping left: a plugin
+/// that trims in bounded steps (the disk plugin: a step per `finish`, so no
+/// go command waits long for one) finishes its pass here, away from builds.
+fn housekeeping(cli: &Cli, dir: &Path) -> Result<()> {
+    let plugin = Plugin::load(plugin_options(cli, &cli.plugin, Source::parse(&cli.plugin), dir, &dir.join("plugins"), Some(1)))?;
+    if let Some(why) = plugin.unavailable() {
+        bail!("the plugin could not start: {why}");
+    }
+    let progress = Progress::default();
+    let mut instance = plugin.start(&Deadline::start(cli.plugin_timeout, &progress)).map_err(|e| anyhow!("{e}"))?;
+    let until = Instant::now() + HOUSEKEEPING_LIMIT;
+    loop {
+        let began = Instant::now();
+        instance.finish(&Deadline::start(cli.plugin_timeout, &progress)).map_err(|e| anyhow!("finish: {e}"))?;
+        if began.elapsed() < HOUSEKEEPING_DONE || Instant::now() >= until {
+            return Ok(());
+        }
+    }
 }
 
 /// How to run the plugin, from the flags: for serving and for `plugin-test`.

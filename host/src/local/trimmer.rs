@@ -4,8 +4,12 @@
 //! A trim lists every body in the store: with a million of them that takes
 //! seconds, and the go command waits for its helper's answer to `close`
 //! before it exits (and kills the helper once it has it). So a session that
-//! ends with a trim due claims it and starts `gocp-host trim --detached` in a
-//! process group of its own, at low priority, and answers at once.
+//! ends with a trim due claims it and starts its own command line with
+//! `trim --detached` added, in a process group of its own, at low priority,
+//! and answers at once. That process also runs the plugin's housekeeping
+//! (its `finish`) until the plugin has none left, so a plugin that trims in
+//! bounded steps (the disk plugin) finishes its pass there rather than a step
+//! per go command.
 //!
 //! `objects/trim.lock` is held from the moment the trim is claimed until the
 //! trim is done: the session locks it and hands the locked file to the
@@ -45,9 +49,10 @@ fn open_lock(state_dir: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path(state_dir))
 }
 
-/// Starts a claimed trim in the background. `Err` says what went wrong, for
-/// one line to the user: starting it, or the last trim (reported once).
-pub fn start(state_dir: &Path, policy: &TrimPolicy) -> Result<(), String> {
+/// Starts a claimed trim in the background: this process's command line with
+/// `trim --detached` added. `Err` says what went wrong, for one line to the
+/// user: starting it, or the last trim (reported once).
+pub fn start(state_dir: &Path) -> Result<(), String> {
     let last_error = fs::read_to_string(error_path(state_dir)).ok().filter(|e| !e.trim().is_empty());
     if last_error.is_some() {
         let _ = fs::remove_file(error_path(state_dir));
@@ -57,16 +62,12 @@ pub fn start(state_dir: &Path, policy: &TrimPolicy) -> Result<(), String> {
         // The last trim is still running: this one is not needed.
         return last_error.map_or(Ok(()), Err);
     }
+    // The session's own arguments (and its inherited environment), so the
+    // trim has its limits and the plugin with its configuration and grants.
     let spawned = std::env::current_exe().and_then(|exe| {
         Command::new(exe)
-            .arg("trim")
-            .arg("--detached")
-            .arg("--dir")
-            .arg(state_dir)
-            .arg("--max-age")
-            .arg(format!("{}s", policy.max_age.as_secs()))
-            .arg("--max-size")
-            .arg(policy.max_size.to_string())
+            .args(std::env::args_os().skip(1))
+            .args(["trim", "--detached"])
             .stdin(Stdio::from(lock))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -101,9 +102,14 @@ pub fn run(state_dir: &Path, policy: &TrimPolicy, detached: bool) -> Result<Trim
     };
     let result = trim_now(state_dir, policy);
     if detached && let Err(e) = &result {
-        let _ = fs::write(error_path(state_dir), e);
+        record_failure(state_dir, e);
     }
     result
+}
+
+/// Leaves why a detached trim failed, for the next session to say.
+pub fn record_failure(state_dir: &Path, why: &str) {
+    let _ = fs::write(error_path(state_dir), why);
 }
 
 fn trim_now(state_dir: &Path, policy: &TrimPolicy) -> Result<TrimReport, String> {
