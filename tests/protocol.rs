@@ -282,9 +282,11 @@ fn memory_plugin_hits_within_one_process_and_serves_bodies_it_holds() {
     let r = s.recv();
     // Take the local copy away: the body must come back from the plugin's memory.
     fs::remove_file(r["DiskPath"].as_str().unwrap()).unwrap();
-    // The put is recorded by the plugin in the background; ask until it is.
+    // The put is recorded by the plugin in the background, once an instance
+    // has compiled it (0.2 s for the static musl build on its own, more with
+    // other tests compiling beside it); ask until it is, for up to 10 s.
     let mut hit = None;
-    for id in 2..200 {
+    for id in 2..1000 {
         s.send_get(id, &action(1));
         let g = s.recv();
         if g.get("Miss").is_none() {
