@@ -183,9 +183,10 @@ pub enum Subcommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
-    /// Trim the local store of --dir now, to --max-age and --max-size (what a
-    /// go command's helper starts in the background once per --trim-interval);
-    /// waits for a trim in progress first, and prints what it removed.
+    /// Trim the local store of --dir now, to --max-age and --max-size, and run
+    /// the plugin's housekeeping (what a go command's helper starts in the
+    /// background once per --trim-interval); waits for a trim in progress
+    /// first, and prints what it removed from the local store.
     Trim {
         /// Started by a session, holding the trim's lock as stdin: runs at low
         /// priority and leaves a failure in objects/trim-error.
