@@ -10,6 +10,14 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use support::*;
 
+/// A close may start a trim in the background (see host/src/local/trimmer.rs):
+/// the next step of a test waits for it, as it would for a trim done inline.
+fn wait_for_background_trim(args: &[&str]) {
+    if let Some(i) = args.iter().position(|a| *a == "--dir") {
+        wait_for_trim(Path::new(args[i + 1]));
+    }
+}
+
 fn put_and_close(args: &[&str], n: u8, body: &[u8]) -> Value {
     let (mut s, _) = Session::start(args);
     s.send_put(1, &[n; 32], body);
@@ -18,6 +26,7 @@ fn put_and_close(args: &[&str], n: u8, body: &[u8]) -> Value {
     s.recv();
     let (status, _, stderr) = s.finish();
     assert!(status.success(), "{stderr}");
+    wait_for_background_trim(args);
     r
 }
 
@@ -29,6 +38,7 @@ fn get_and_close(args: &[&str], n: u8) -> Value {
     s.recv();
     let (status, _, stderr) = s.finish();
     assert!(status.success(), "{stderr}");
+    wait_for_background_trim(args);
     r
 }
 

@@ -95,7 +95,7 @@ impl LocalTier {
     /// the user.
     pub fn trim(&self, policy: &TrimPolicy, state_dir: &Path) -> Result<(), String> {
         match self.store.claim_trim(policy) {
-            Ok(true) => trimmer::start(state_dir),
+            Ok(true) => trimmer::start(state_dir, policy),
             Ok(false) => Ok(()),
             Err(e) => Err(format!("trimming the local store: {e}")),
         }

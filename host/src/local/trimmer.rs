@@ -9,7 +9,8 @@
 //! and answers at once. That process also runs the plugin's housekeeping
 //! (its `finish`) until the plugin has none left, so a plugin that trims in
 //! bounded steps (the disk plugin) finishes its pass there rather than a step
-//! per go command.
+//! per go command. Only if that process cannot be started does the session
+//! trim the store itself before answering, as it always used to.
 //!
 //! `objects/trim.lock` is held from the moment the trim is claimed until the
 //! trim is done: the session locks it and hands the locked file to the
@@ -50,9 +51,11 @@ fn open_lock(state_dir: &Path) -> io::Result<File> {
 }
 
 /// Starts a claimed trim in the background: this process's command line with
-/// `trim --detached` added. `Err` says what went wrong, for one line to the
-/// user: starting it, or the last trim (reported once).
-pub fn start(state_dir: &Path) -> Result<(), String> {
+/// `trim --detached` added. When that cannot start (an executable the kernel
+/// cannot run again, as under an emulator), trims here instead. `Err` says
+/// what went wrong, for one line to the user: this trim, or the last
+/// background one (reported once).
+pub fn start(state_dir: &Path, policy: &TrimPolicy) -> Result<(), String> {
     let last_error = fs::read_to_string(error_path(state_dir)).ok().filter(|e| !e.trim().is_empty());
     if last_error.is_some() {
         let _ = fs::remove_file(error_path(state_dir));
@@ -64,11 +67,11 @@ pub fn start(state_dir: &Path) -> Result<(), String> {
     }
     // The session's own arguments (and its inherited environment), so the
     // trim has its limits and the plugin with its configuration and grants.
-    let spawned = std::env::current_exe().and_then(|exe| {
-        Command::new(exe)
+    let spawned = lock.try_clone().and_then(|held| {
+        Command::new(std::env::current_exe()?)
             .args(std::env::args_os().skip(1))
             .args(["trim", "--detached"])
-            .stdin(Stdio::from(lock))
+            .stdin(Stdio::from(held))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             // Not in the go command's process group: nothing sent to the
@@ -76,11 +79,10 @@ pub fn start(state_dir: &Path) -> Result<(), String> {
             .process_group(0)
             .spawn()
     });
-    match (spawned, last_error) {
-        (Err(e), _) => Err(format!("trimming: starting gocp-host trim: {e}")),
-        (Ok(_), Some(last)) => Err(last),
-        (Ok(_), None) => Ok(()),
+    if spawned.is_err() {
+        trim_now(state_dir, policy)?;
     }
+    last_error.map_or(Ok(()), Err)
 }
 
 /// `gocp-host trim`: trims the store of `state_dir` now, and its local
