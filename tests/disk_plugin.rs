@@ -263,6 +263,23 @@ fn a_large_trim_is_finished_in_the_background_after_the_go_command_has_its_answe
 }
 
 #[test]
+fn a_read_only_session_leaves_the_plugins_trim_to_the_others() {
+    let shared = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    stale_entries(shared.path(), 60_000);
+    let grant = format!("{}:/shared", shared.path().display());
+    let d = state.path().to_str().unwrap();
+    let (mut s, _) = Session::start(&["--dir", d, "--allow-dir", &grant, "--config", "path=/shared", "--read-only"]);
+    s.send_close(1);
+    s.recv();
+    let (status, _, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    wait_for_trim(state.path());
+    assert!(state.path().join("objects/last-trim").exists(), "the local store's trim ran");
+    assert!(!files_under(&shared.path().join("entries")).is_empty(), "no background housekeeping in the plugin's storage");
+}
+
+#[test]
 fn a_last_trim_in_the_future_does_not_stop_the_plugin_trimming() {
     let shared = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();

@@ -569,7 +569,8 @@ fn trim(cli: &Cli, detached: bool) -> Result<ExitCode> {
     };
     let policy = TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: Duration::ZERO };
     let report = trimmer::run(&dir, &policy, detached).map_err(|e| anyhow!(e))?;
-    if let Err(e) = housekeeping(cli, &dir) {
+    // A read-only session's trim leaves the plugin's storage alone.
+    if let Err(e) = if cli.read_only { Ok(()) } else { housekeeping(cli, &dir) } {
         let why = format!("the plugin's housekeeping: {e:#}");
         if !detached {
             bail!(why);

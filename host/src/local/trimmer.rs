@@ -6,8 +6,9 @@
 //! before it exits (and kills the helper once it has it). So a session that
 //! ends with a trim due claims it and starts its own command line with
 //! `trim --detached` added, in a process group of its own, at low priority,
-//! and answers at once. That process also runs the plugin's housekeeping
-//! (its `finish`) until the plugin has none left, so a plugin that trims in
+//! and answers at once. That process (the `trim` command in `cli`) also runs
+//! the plugin's housekeeping (its `finish`, unless the session was
+//! `--read-only`) until the plugin has none left, so a plugin that trims in
 //! bounded steps (the disk plugin) finishes its pass there rather than a step
 //! per go command. Only if that process cannot be started does the session
 //! trim the store itself before answering, as it always used to.
