@@ -1,6 +1,6 @@
 //! The command line: flags (each with a GOCP_* environment variable, since
 //! GOCACHEPROG strings get long), start-up checks, the subcommands
-//! (`plugin-test`, `--help-plugin`), and the end-of-run report.
+//! (`plugin-test`, `--help-plugin`, `trim`, `keygen`), and the end-of-run report.
 //!
 //! It owns turning what the user typed into settings and every configuration
 //! mistake into one clear line before anything is served. It must never touch
@@ -11,20 +11,20 @@ use std::io::{self, BufReader, IsTerminal};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 mod help_plugin;
 mod plugin_test;
+mod trim;
 
 use std::sync::Arc;
 
 use crate::local::entries::LocalEntries;
 use crate::local::store::{Store, TrimPolicy};
-use crate::backend::{Backend, Deadline, Progress};
-use crate::local::{LocalTier, sessions, trimmer};
+use crate::local::{LocalTier, sessions};
 use crate::plugin::{self, DirGrant, Grants, NetGrant, Plugin, Source};
 use crate::serve::request_log::RequestLog;
 use crate::serve::{self, Compression, Ending, Settings};
@@ -262,6 +262,14 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
+/// The state directory the flags name, as an absolute path.
+fn state_dir(cli: &Cli) -> Result<PathBuf> {
+    match &cli.dir {
+        Some(d) => std::path::absolute(d).with_context(|| format!("state directory {}", d.display())),
+        None => default_dir(),
+    }
+}
+
 fn default_dir() -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(xdg) => PathBuf::from(xdg),
@@ -446,7 +454,7 @@ pub fn run() -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(Subcommand::Trim { detached }) = &cli.command {
-        return trim(&cli, *detached);
+        return trim::run(&cli, &state_dir(&cli)?, *detached);
     }
     let spec = match &cli.command {
         Some(Subcommand::PluginTest { plugin: Some(p) }) => p.clone(),
@@ -459,10 +467,7 @@ pub fn run() -> Result<ExitCode> {
         let names: Vec<&str> = plugin::builtin::names().collect();
         bail!("plugin {}: no such file, and not a built-in plugin ({})", path.display(), names.join(", "));
     }
-    let dir = match &cli.dir {
-        Some(d) => std::path::absolute(d).with_context(|| format!("state directory {}", d.display()))?,
-        None => default_dir()?,
-    };
+    let dir = state_dir(&cli)?;
     if dir.to_str().is_none() {
         bail!("state directory {} is not valid UTF-8, which the go command needs", dir.display());
     }
@@ -559,59 +564,6 @@ pub fn run() -> Result<ExitCode> {
     };
     let ending = serve::serve(Arc::new(plugin), LocalTier::new(store, entries), settings, input, output, &report);
     Ok(exit_code(ending))
-}
-
-/// `gocp-host trim`: trims now, whatever the interval.
-fn trim(cli: &Cli, detached: bool) -> Result<ExitCode> {
-    let dir = match &cli.dir {
-        Some(d) => std::path::absolute(d).with_context(|| format!("state directory {}", d.display()))?,
-        None => default_dir()?,
-    };
-    let policy = TrimPolicy { max_age: cli.max_age, max_size: cli.max_size, interval: Duration::ZERO };
-    let report = trimmer::run(&dir, &policy, detached).map_err(|e| anyhow!(e))?;
-    // A read-only session's trim leaves the plugin's storage alone.
-    if let Err(e) = if cli.read_only { Ok(()) } else { housekeeping(cli, &dir) } {
-        let why = format!("the plugin's housekeeping: {e:#}");
-        if !detached {
-            bail!(why);
-        }
-        trimmer::record_failure(&dir, &why);
-    }
-    if !detached {
-        // stdout: this is a command of its own, not a go command's helper.
-        println!(
-            "removed {} files ({}); kept {}",
-            report.removed_files,
-            bytesize::ByteSize(report.removed_bytes),
-            bytesize::ByteSize(report.kept_bytes)
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// How long `gocp-host trim` keeps calling the plugin's `finish`, at most.
-const HOUSEKEEPING_LIMIT: Duration = Duration::from_secs(600);
-/// A `finish` this quick had no housekeeping left to do.
-const HOUSEKEEPING_DONE: Duration = Duration::from_millis(50);
-
-/// Calls the plugin's `finish` until it has no housekeeping left: a plugin
-/// that trims in bounded steps (the disk plugin: a step per `finish`, so no
-/// go command waits long for one) finishes its pass here, away from builds.
-fn housekeeping(cli: &Cli, dir: &Path) -> Result<()> {
-    let plugin = Plugin::load(plugin_options(cli, &cli.plugin, Source::parse(&cli.plugin), dir, &dir.join("plugins"), Some(1)))?;
-    if let Some(why) = plugin.unavailable() {
-        bail!("the plugin could not start: {why}");
-    }
-    let progress = Progress::default();
-    let mut instance = plugin.start(&Deadline::start(cli.plugin_timeout, &progress)).map_err(|e| anyhow!("{e}"))?;
-    let until = Instant::now() + HOUSEKEEPING_LIMIT;
-    loop {
-        let began = Instant::now();
-        instance.finish(&Deadline::start(cli.plugin_timeout, &progress)).map_err(|e| anyhow!("finish: {e}"))?;
-        if began.elapsed() < HOUSEKEEPING_DONE || Instant::now() >= until {
-            return Ok(());
-        }
-    }
 }
 
 /// How to run the plugin, from the flags: for serving and for `plugin-test`.
