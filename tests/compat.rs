@@ -326,7 +326,10 @@ impl Pass {
     /// gocp's figures for the commands since the last call, added up.
     fn take_stats(&self) -> BTreeMap<String, u64> {
         let mut sum = BTreeMap::new();
-        for file in files_under(&self.root.join("stats")) {
+        // gocp-host writes each by renaming a temporary file: only whole ones count.
+        for file in
+            files_under(&self.root.join("stats")).into_iter().filter(|f| f.extension().is_some_and(|e| e == "json"))
+        {
             let stats: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
             for (key, n) in stats.as_object().expect("stats are an object") {
                 if let Some(n) = n.as_u64() {

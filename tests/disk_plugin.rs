@@ -276,7 +276,10 @@ fn a_read_only_session_leaves_the_plugins_trim_to_the_others() {
     assert!(status.success(), "{stderr}");
     wait_for_trim(state.path());
     assert!(state.path().join("objects/last-trim").exists(), "the local store's trim ran");
-    assert!(!files_under(&shared.path().join("entries")).is_empty(), "no background housekeeping in the plugin's storage");
+    assert!(
+        !files_under(&shared.path().join("entries")).is_empty(),
+        "no background housekeeping in the plugin's storage"
+    );
 }
 
 #[test]

@@ -167,8 +167,11 @@ fn a_failed_background_trim_is_said_once_by_the_next_session_that_trims() {
     put_once(tmp.path(), 7, b"x");
     wait_for_trim(tmp.path());
     // What a trimming process leaves when it fails (see local/trimmer.rs).
-    fs::write(tmp.path().join("objects/trim-error"), "trimming the local store: reading objects/00: Input/output error")
-        .unwrap();
+    fs::write(
+        tmp.path().join("objects/trim-error"),
+        "trimming the local store: reading objects/00: Input/output error",
+    )
+    .unwrap();
     let closing = |trim_interval: &str| {
         let (mut s, _) = Session::start(&["--dir", tmp.path().to_str().unwrap(), "--trim-interval", trim_interval]);
         s.send_close(1);

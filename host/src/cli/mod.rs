@@ -262,6 +262,17 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
+/// Writes `bytes` to `path` by renaming a complete temporary file beside it,
+/// so that a reader (a CI step, a test) never sees half of it: the go
+/// command may already have exited while this is written.
+fn write_whole(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".gocp-stats-").suffix(".tmp").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
+}
+
 /// The state directory the flags name, as an absolute path.
 fn state_dir(cli: &Cli) -> Result<PathBuf> {
     match &cli.dir {
@@ -557,7 +568,7 @@ pub fn run() -> Result<ExitCode> {
         }
         if let Some(path) = &cli.stats_json {
             let json = serde_json::to_vec_pretty(summary).expect("statistics serialize");
-            if let Err(e) = std::fs::write(path, json) {
+            if let Err(e) = write_whole(path, &json) {
                 eprintln!("gocp: writing statistics to {}: {e}", path.display());
             }
         }

@@ -52,7 +52,8 @@ const HOUSEKEEPING_DONE: Duration = Duration::from_millis(50);
 /// that trims in bounded steps (the disk plugin: a step per `finish`, so no
 /// go command waits long for one) finishes its pass here, away from builds.
 fn housekeeping(cli: &Cli, dir: &Path) -> Result<()> {
-    let plugin = Plugin::load(plugin_options(cli, &cli.plugin, Source::parse(&cli.plugin), dir, &dir.join("plugins"), Some(1)))?;
+    let plugin =
+        Plugin::load(plugin_options(cli, &cli.plugin, Source::parse(&cli.plugin), dir, &dir.join("plugins"), Some(1)))?;
     if let Some(why) = plugin.unavailable() {
         bail!("the plugin could not start: {why}");
     }

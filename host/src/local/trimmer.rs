@@ -61,7 +61,8 @@ pub fn start(state_dir: &Path, policy: &TrimPolicy) -> Result<(), String> {
     if last_error.is_some() {
         let _ = fs::remove_file(error_path(state_dir));
     }
-    let lock = open_lock(state_dir).map_err(|e| format!("trimming: opening {}: {e}", lock_path(state_dir).display()))?;
+    let lock =
+        open_lock(state_dir).map_err(|e| format!("trimming: opening {}: {e}", lock_path(state_dir).display()))?;
     if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
         // The last trim is still running: this one is not needed.
         return last_error.map_or(Ok(()), Err);
@@ -126,9 +127,7 @@ fn trim_now(state_dir: &Path, policy: &TrimPolicy) -> Result<TrimReport, String>
         .map_err(|e| format!("trimming the local store: {e}"))?;
     if state_dir.join("entries").is_dir() {
         let entries = LocalEntries::open(state_dir).map_err(|e| format!("trimming local entries: {e}"))?;
-        entries
-            .trim(|e| store.contains(&e.output_id, e.size))
-            .map_err(|e| format!("trimming local entries: {e}"))?;
+        entries.trim(|e| store.contains(&e.output_id, e.size)).map_err(|e| format!("trimming local entries: {e}"))?;
     }
     Ok(report)
 }
