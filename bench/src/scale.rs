@@ -14,15 +14,21 @@
 //! day had passed; at the end the store must be within its limits and an
 //! unchanged build must hit every time.
 //!
-//! It drives gocp-host only through the protocol; the only writes it makes
-//! into a state directory are those time shifts.
+//! Beside each put it writes a file of its own into the same directories of
+//! the same store (`floor-*`, removed at the end): the file system's part of
+//! a put, which grows with the directories and the inode tables whatever the
+//! cache, so that gocp's own part can be told from it.
+//!
+//! It drives gocp-host only through the protocol; its only other writes into
+//! a state directory are those files and the time shifts.
 
 use std::fs::{self, File, FileTimes};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
+use sha2::{Digest, Sha256};
 
 use crate::{Bar, Host, Row, action, get_line, median, put_line};
 
@@ -70,6 +76,13 @@ struct Costs {
     close_ms: f64,
     get_us: (f64, f64),
     put_us: (f64, f64),
+    /// The benchmark's own crash-safe write of a file of the same size into
+    /// the store's directories, alternating with the puts: what any cache
+    /// that keeps a file per output pays the file system, gocp or not.
+    floor_us: f64,
+    /// A put less the file system's part written right after it: the median
+    /// of the differences, gocp's own part.
+    own_put_us: f64,
     peak_mib: f64,
     /// Close requested to close answered, with a trim due.
     trim_close_ms: f64,
@@ -104,20 +117,22 @@ pub fn run(host: &Path, work: &Path, plan: &Plan) -> Result<Vec<Row>> {
     let runs_path = work.join("scale-runs");
     let runs: u64 = fs::read_to_string(&runs_path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
     fs::write(&runs_path, (runs + 1).to_string())?;
-    // Alternating, twice each; the second of each is reported (the first
-    // brings the store's directories into the page cache, as on a runner
-    // that used it a moment ago).
-    let mut costs = Vec::new();
+    // Twice; the second is reported (the first brings the store's
+    // directories into the page cache, as on a runner that used it a moment
+    // ago).
+    let (mut costs, mut floor_files) = (None, Vec::new());
     for round in 0..2 {
-        for (state, name) in [(&empty, "empty"), (&big, "big")] {
-            let fresh = MEASURE_BASE + (runs * 4 + round * 2 + u64::from(name == "big")) * PROBES;
-            let c = measure(host, state, fresh)?;
-            if round == 1 {
-                costs.push(c);
-            }
-        }
+        let fresh = MEASURE_BASE + (runs * 4 + round * 2) * PROBES;
+        costs = Some(measure(host, [&empty, &big], [fresh, fresh + PROBES], &mut floor_files)?);
     }
-    let (e, b) = (&costs[0], &costs[1]);
+    // Removed only now: on ext4 without a journal, a file created in the
+    // minutes after many were removed is slower to create (the allocator
+    // steps over the inodes just freed), which would weigh on the second
+    // round's figures.
+    for file in floor_files {
+        fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+    }
+    let [e, b] = &costs.expect("measured twice");
     let size = format!("{} outputs, {:.1} GiB", b.files, b.bytes as f64 / (1u64 << 30) as f64);
     let small = e.files;
     let against = |what: &str, unit: &str, e: f64, b: f64| Row {
@@ -132,8 +147,26 @@ pub fn run(host: &Path, work: &Path, plan: &Plan) -> Result<Vec<Row>> {
         against("close, no trim due, median", "ms", e.close_ms, b.close_ms),
         against("one get (a hit), median", "us", e.get_us.0, b.get_us.0),
         against("one get (a hit), 99th percentile", "us", e.get_us.1, b.get_us.1),
-        against("one put, median", "us", e.put_us.0, b.put_us.0),
-        against("one put, 99th percentile", "us", e.put_us.1, b.put_us.1),
+        // A put creates a file (the body's, which the go command reads), and
+        // the file system charges more for that in bigger directories and
+        // fuller inode tables whatever the cache: the bar is on gocp's part.
+        Row { bar: Bar::None, ..against("one put, median (context)", "us", e.put_us.0, b.put_us.0) },
+        Row { bar: Bar::None, ..against("one put, 99th percentile (context)", "us", e.put_us.1, b.put_us.1) },
+        Row {
+            bar: Bar::None,
+            ..against(
+                "the file system's part of a put: a file written and renamed into the same directories by the benchmark, median (context)",
+                "us",
+                e.floor_us,
+                b.floor_us,
+            )
+        },
+        against(
+            "gocp's own part of a put: a put less the file system's part measured after it, median",
+            "us",
+            e.own_put_us,
+            b.own_put_us,
+        ),
         against("peak memory of gocp-host", "MiB", e.peak_mib, b.peak_mib),
         Row {
             // Once per --trim-interval: the store's trim is started in the
@@ -193,60 +226,102 @@ fn fill(host: &Path, state: &Path, args: &[&str], base: u64, n: u64, body: impl 
     Ok(())
 }
 
-/// One session's costs on `state`, whose probes are all there; the puts use
-/// fresh actions from `fresh`.
-fn measure(host: &Path, state: &Path, fresh: u64) -> Result<Costs> {
+/// What sessions on each of `states` cost, measured side by side: every
+/// short session, get and put alternates between the stores (which goes
+/// first alternates too), so that the machine's noise, which on a shared
+/// machine is larger than the difference sought, falls on both alike. Both
+/// stores hold the probes; the puts use fresh actions from `fresh`.
+fn measure(host: &Path, states: [&Path; 2], fresh: [u64; 2], floor_files: &mut Vec<PathBuf>) -> Result<[Costs; 2]> {
     let ask = |h: &mut Host, request: String| -> Result<(f64, String)> {
         let t = Instant::now();
         h.send(&request)?;
         let answer = h.line()?;
         Ok((t.elapsed().as_secs_f64() * 1e6, answer))
     };
+    let order = |i: u64| if i % 2 == 0 { [0, 1] } else { [1, 0] };
     // Short sessions with no trim due, as most go commands are: spawn to a
     // first get answered (a hit), and close.
-    let (mut starts, mut closes) = (Vec::new(), Vec::new());
+    let (mut starts, mut closes) = (<[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default());
     for i in 0..SHORT_SESSIONS {
-        let (mut h, started) = Host::start_with(host, state, &[])?;
-        let (_, first) = ask(&mut h, get_line(1, &action(PROBE_BASE + i)))?;
-        starts.push(started.elapsed().as_secs_f64() * 1000.0);
-        ensure!(first.contains("\"DiskPath\""), "probe {i} was not a hit: {first}");
-        let closing = Instant::now();
-        h.close()?;
-        closes.push(closing.elapsed().as_secs_f64() * 1000.0);
+        for s in order(i) {
+            let (mut h, started) = Host::start_with(host, states[s], &[])?;
+            let (_, first) = ask(&mut h, get_line(1, &action(PROBE_BASE + i)))?;
+            starts[s].push(started.elapsed().as_secs_f64() * 1000.0);
+            ensure!(first.contains("\"DiskPath\""), "probe {i} was not a hit: {first}");
+            let closing = Instant::now();
+            h.close()?;
+            closes[s].push(closing.elapsed().as_secs_f64() * 1000.0);
+        }
     }
-    make_trim_due(state)?;
-    let (mut h, _) = Host::start_with(host, state, &[])?;
-    let mut gets = Vec::new();
+    let mut hosts = Vec::new();
+    for state in states {
+        make_trim_due(state)?;
+        hosts.push(Host::start_with(host, state, &[])?.0);
+    }
+    let mut gets = <[Vec<f64>; 2]>::default();
     for i in 1..PROBES {
-        let (us, answer) = ask(&mut h, get_line(i + 1, &action(PROBE_BASE + i)))?;
-        ensure!(answer.contains("\"DiskPath\""), "probe {i} was not a hit: {answer}");
-        gets.push(us);
+        for s in order(i) {
+            let (us, answer) = ask(&mut hosts[s], get_line(i + 1, &action(PROBE_BASE + i)))?;
+            ensure!(answer.contains("\"DiskPath\""), "probe {i} was not a hit: {answer}");
+            gets[s].push(us);
+        }
     }
-    let mut puts = Vec::new();
+    let (mut puts, mut floors) = (<[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default());
     for i in 0..PROBES {
-        let (us, answer) = ask(&mut h, put_line(PROBES + i + 1, &action(fresh + i), &small_body(fresh + i)))?;
-        ensure!(answer.contains("\"DiskPath\""), "a put failed: {answer}");
-        puts.push(us);
+        for s in order(i) {
+            let n = fresh[s] + i;
+            let (us, answer) = ask(&mut hosts[s], put_line(PROBES + i + 1, &action(n), &small_body(n)))?;
+            ensure!(answer.contains("\"DiskPath\""), "a put failed: {answer}");
+            puts[s].push(us);
+            let (us, file) = floor_write(states[s], n)?;
+            floors[s].push(us);
+            floor_files.push(file);
+        }
     }
-    let closing = Instant::now();
-    let peak = h.close()?;
-    let trim_close_ms = closing.elapsed().as_secs_f64() * 1000.0;
-    // The trim that close started runs on in the background: let it end
-    // before anything else is measured.
-    wait_for_trim(state)?;
-    let trim_s = closing.elapsed().as_secs_f64();
-    let (files, bytes) = objects(state)?;
-    Ok(Costs {
-        startup_ms: median(&mut starts),
-        close_ms: median(&mut closes),
-        get_us: (median(&mut gets), percentile(&mut gets, 0.99)),
-        put_us: (median(&mut puts), percentile(&mut puts, 0.99)),
-        peak_mib: peak as f64 / 1024.0,
-        trim_close_ms,
-        trim_s,
-        files,
-        bytes,
-    })
+    // One close at a time, each trim waited for: a trim running in the
+    // background would weigh on the other store's close.
+    let mut hosts = hosts.into_iter();
+    let mut close = |s: usize| -> Result<Costs> {
+        let h = hosts.next().expect("a host per store");
+        let closing = Instant::now();
+        let peak = h.close()?;
+        let trim_close_ms = closing.elapsed().as_secs_f64() * 1000.0;
+        wait_for_trim(states[s])?;
+        let trim_s = closing.elapsed().as_secs_f64();
+        let (files, bytes) = objects(states[s])?;
+        Ok(Costs {
+            startup_ms: median(&mut starts[s]),
+            close_ms: median(&mut closes[s]),
+            get_us: (median(&mut gets[s]), percentile(&mut gets[s], 0.99)),
+            put_us: (median(&mut puts[s]), percentile(&mut puts[s], 0.99)),
+            own_put_us: median(&mut puts[s].iter().zip(&floors[s]).map(|(p, f)| p - f).collect::<Vec<_>>()),
+            floor_us: median(&mut floors[s]),
+            peak_mib: peak as f64 / 1024.0,
+            trim_close_ms,
+            trim_s,
+            files,
+            bytes,
+        })
+    };
+    Ok([close(0)?, close(1)?])
+}
+
+/// Writes a file as a crash-safe cache does (a temporary file, renamed)
+/// into the object directory the put of output `n` went to, under a name
+/// gocp never uses; how long that took, in microseconds, and the file, to be
+/// removed after.
+fn floor_write(state: &Path, n: u64) -> Result<(f64, PathBuf)> {
+    let objects = state.join("objects");
+    let output: String = Sha256::digest(small_body(n)).iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("floor-{output}");
+    let tmp = objects.join("tmp").join(&name);
+    let path = objects.join(&output[..2]).join(&name);
+    let t = Instant::now();
+    let mut file = File::create_new(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(&small_body(n))?;
+    drop(file);
+    fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok((t.elapsed().as_secs_f64() * 1e6, path))
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
