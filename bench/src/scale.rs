@@ -238,7 +238,7 @@ fn measure(host: &Path, states: [&Path; 2], fresh: [u64; 2], floor_files: &mut V
         let answer = h.line()?;
         Ok((t.elapsed().as_secs_f64() * 1e6, answer))
     };
-    let order = |i: u64| if i % 2 == 0 { [0, 1] } else { [1, 0] };
+    let order = |i: u64| if i.is_multiple_of(2) { [0, 1] } else { [1, 0] };
     // Short sessions with no trim due, as most go commands are: spawn to a
     // first get answered (a hit), and close.
     let (mut starts, mut closes) = (<[Vec<f64>; 2]>::default(), <[Vec<f64>; 2]>::default());
