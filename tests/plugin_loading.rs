@@ -201,7 +201,7 @@ fn empty_variables_and_odd_spacing_do_not_fail_the_build() {
     let mut flag = Command::new(BIN);
     flag.env_clear().args(["--dir", d, "--allow-dir", &grant, "--config", "path=/shared"]);
     serves(flag);
-    assert!(shared.join("bodies").is_dir(), "the plugin wrote into the granted directory");
+    assert!(shared.join("entries").is_dir(), "the plugin wrote into the granted directory");
     let mut quoted = Command::new(BIN);
     quoted
         .env_clear()

@@ -4,7 +4,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use support::*;
@@ -275,30 +275,34 @@ fn truncated_body_leaves_no_file_and_exits() {
 fn memory_plugin_hits_within_one_process_and_serves_bodies_it_holds() {
     let dir = tempfile::tempdir().unwrap();
     let stats = dir.path().join("stats.json");
+    let log = dir.path().join("requests.jsonl");
     let mut a = state_args(dir.path());
-    a.extend(["--plugin".into(), "memory".into(), "--stats-json".into(), stats.to_str().unwrap().into()]);
+    a.extend(
+        ["--plugin", "memory", "--stats-json", stats.to_str().unwrap(), "--log-requests", log.to_str().unwrap()]
+            .map(String::from),
+    );
     let (mut s, _) = Session::start(&args(&a));
     let put = s.send_put(1, &action(1), &body(9));
     let r = s.recv();
-    // Take the local copy away: the body must come back from the plugin's memory.
-    fs::remove_file(r["DiskPath"].as_str().unwrap()).unwrap();
-    // The put is recorded by the plugin in the background, once an instance
-    // has compiled it (0.2 s for the static musl build on its own, more with
-    // other tests compiling beside it); ask until it is, for up to 10 s.
-    let mut hit = None;
-    for id in 2..1000 {
-        s.send_get(id, &action(1));
-        let g = s.recv();
-        if g.get("Miss").is_none() {
-            hit = Some(g);
-            break;
-        }
+    // The put is recorded by the plugin in the background, from the local
+    // copy, once an instance has compiled it (0.2 s for the static musl build
+    // on its own, more with other tests compiling beside it): wait for the
+    // request log to say so, for up to 10 s.
+    let until = Instant::now() + Duration::from_secs(10);
+    let recorded = |text: String| {
+        text.lines().any(|l| l.contains("\"command\":\"record\"") && l.contains("\"result\":\"stored\""))
+    };
+    while !recorded(fs::read_to_string(&log).unwrap_or_default()) {
+        assert!(Instant::now() < until, "the put was not recorded within 10 s");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let hit = hit.expect("memory plugin never answered a hit");
+    // Take the local copy away: the body must come back from the plugin's memory.
+    fs::remove_file(r["DiskPath"].as_str().unwrap()).unwrap();
+    s.send_get(2, &action(1));
+    let hit = s.recv();
     assert_hit(&hit, &body(9));
     assert_eq!(unb64(hit["OutputID"].as_str().unwrap()), put);
-    s.send_close(1000);
+    s.send_close(3);
     s.recv();
     assert!(s.finish().0.success());
     let figures: Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();

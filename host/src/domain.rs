@@ -6,6 +6,7 @@
 //! the backends and the manifests all use these same types; none of them
 //! carries any behaviour here.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A SHA-256 digest: an action id or an output id.
@@ -34,7 +35,7 @@ pub fn nanos(t: SystemTime) -> u64 {
 }
 
 /// How a backend holds an output's body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
     /// As the go command wrote it, under its output id.
     AsIs,
@@ -42,14 +43,29 @@ pub enum Stored {
     /// that a store checking its keys against the content, as Bazel caches
     /// do, accepts it), `size` bytes long.
     Zstd { id: Digest, size: u64 },
+    /// Not as a body at all: these bytes travel in the entry itself (its
+    /// host data), zstd-compressed if `compressed`. Most of a Go build's
+    /// outputs are this small, and each saves a body's round trip.
+    Inline { bytes: Arc<[u8]>, compressed: bool },
 }
 
 impl Stored {
-    /// The id and size the backend knows the body of `entry` by.
-    pub fn key(&self, entry: &Entry) -> (Digest, u64) {
-        match *self {
-            Stored::AsIs => (entry.output_id, entry.size),
-            Stored::Zstd { id, size } => (id, size),
+    /// The id and size the backend knows the body of `entry` by; none for a
+    /// body carried in its entry.
+    pub fn key(&self, entry: &Entry) -> Option<(Digest, u64)> {
+        match self {
+            Stored::AsIs => Some((entry.output_id, entry.size)),
+            Stored::Zstd { id, size } => Some((*id, *size)),
+            Stored::Inline { .. } => None,
+        }
+    }
+
+    /// The bytes that travel for the body of `entry`, stored so.
+    pub fn stored_size(&self, entry: &Entry) -> u64 {
+        match self {
+            Stored::AsIs => entry.size,
+            Stored::Zstd { size, .. } => *size,
+            Stored::Inline { bytes, .. } => bytes.len() as u64,
         }
     }
 }

@@ -142,7 +142,8 @@ fn encode(
                 item.extend_from_slice(&id);
                 item.extend_from_slice(&size.to_le_bytes());
             }
-            None => item.push(NOT_KNOWN),
+            // Small enough to be carried here, unless its file is gone.
+            Some(Stored::Inline { .. }) | None => item.push(NOT_KNOWN),
         }
         item.extend_from_slice(&(body.len() as u32).to_le_bytes());
         item.extend_from_slice(&body);

@@ -104,8 +104,11 @@ counters! {
     rejected_bodies,
     /// Entries from the backend no trusted key signed (see `trust`): misses.
     untrusted_entries,
+    /// Bodies small enough to travel inside their entries, so not sent on
+    /// their own (see `host_data`).
+    inline_bodies,
     /// Bytes of bodies sent to the backend, as it stores them (compressed,
-    /// when they are).
+    /// when they are; inside their entries, for the small ones).
     remote_bytes_up,
     /// Bytes of bodies received from the backend, as it stores them.
     remote_bytes_down,

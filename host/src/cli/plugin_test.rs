@@ -251,7 +251,8 @@ fn body_round_trip(
     let entry = Entry { output_id: output, size: body.len() as u64, put_time_ns: 0 };
     // The body as the go command wrote it: what the plugin stores must not
     // depend on what the host does to bodies.
-    let (_, source) = stages::body_out(file, &entry, Compression::None, &progress).map_err(|e| e.to_string())?;
+    let (_, source) = stages::body_out(file, &entry, Compression::None, false, &progress).map_err(|e| e.to_string())?;
+    let source = source.ok_or("a body not carried in its entry has bytes to send")?;
     instance
         .write_body(&output, body.len() as u64, source, &deadline(timeout))
         .map_err(|e| format!("write-body: {e}"))?;

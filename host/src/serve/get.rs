@@ -203,6 +203,7 @@ fn log(
 /// followed by a body that fails is a failure: a backend whose bodies stall
 /// must be paused too.
 fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, listed: Option<(Entry, Stored)>) -> Looked {
+    let from_list = listed.is_some();
     let found = match listed {
         Some(listed) => Ok(Some(listed)),
         None => {
@@ -231,8 +232,11 @@ fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, listed:
         None if session.backend.stores_bodies() => match fetch(session, calls, &entry, &stored) {
             Ok(Some(path)) => {
                 session.stats.hits_fetched.add(1);
-                Looked::Hit { entry, path, fetched: Some(stored.key(&entry).1) }
+                Looked::Hit { entry, path, fetched: Some(stored.stored_size(&entry)) }
             }
+            // The list may be older than the entry (written since, with its
+            // body stored another way): the entry says.
+            Ok(None) if from_list => return look_up(session, calls, action_id, None),
             Ok(None) => Looked::Miss,
             Err(CallFailed) => return Looked::Failed,
         },
@@ -304,14 +308,17 @@ pub(super) fn fetch(
             Ok(sink) => sink,
             Err(e) => return store_failed(&e),
         };
-    let (id, size) = stored.key(entry);
-    let written = match calls.read_body(&id, size, sink) {
-        Ok(ReadBody::Written(sink)) => {
-            session.stats.remote_bytes_down.add(sink.received());
-            sink.finish().map_err(CallError::Broken)
-        }
-        Ok(ReadBody::NotFound) => return Ok(None),
-        Err(e) => Err(e),
+    let written = match stored.key(entry) {
+        // Carried in its entry: through the same stages, with no call.
+        None => stages::inline_in(sink, stored).map_err(CallError::Broken),
+        Some((id, size)) => match calls.read_body(&id, size, sink) {
+            Ok(ReadBody::Written(sink)) => {
+                session.stats.remote_bytes_down.add(sink.received());
+                sink.finish().map_err(CallError::Broken)
+            }
+            Ok(ReadBody::NotFound) => return Ok(None),
+            Err(e) => Err(e),
+        },
     };
     // A body refused on its way in is the body's fault, whatever the call
     // made of the refusal.
@@ -327,7 +334,7 @@ pub(super) fn fetch(
     };
     match session.local.store.commit(writer, &entry.output_id, entry.size) {
         Ok(path) => {
-            session.known.insert(entry.output_id, *stored);
+            session.known.insert(entry.output_id, stored);
             Ok(Some(path))
         }
         Err(CommitError::Io(e)) => store_failed(&e),

@@ -127,6 +127,8 @@ struct Session {
     read_only: bool,
     trust: Trust,
     compression: Compression,
+    /// Whether small bodies travel inside their entries.
+    inline: bool,
     /// Time gets spent waiting on the backend, summed finer than the
     /// milliseconds reported.
     remote_wait_ns: AtomicU64,
@@ -148,6 +150,11 @@ pub fn serve(
     let prefetching = local.keeps_entries();
     // Only a backend that keeps host data can say a body is compressed.
     let compression = if backend.carries_host_data() { settings.compression } else { Compression::None };
+    // Small bodies travel in their entries only where entries keep host
+    // data, and bodies are the backend's to keep: a backend that leaves them
+    // to the local store (the disk plugin in its default setup) has no round
+    // trip to save.
+    let inline = backend.carries_host_data() && backend.stores_bodies();
     let session = Arc::new(Session {
         stats: Stats::default(),
         problems: Problems::new(backend.name()),
@@ -168,6 +175,7 @@ pub fn serve(
         read_only: settings.read_only,
         trust: settings.trust,
         compression,
+        inline,
         remote_wait_ns: AtomicU64::new(0),
         log: settings.request_log,
     });
@@ -357,17 +365,20 @@ impl End {
 
 /// Bodies the backend is known to have (stored or supplied this session),
 /// by output id, and how it stores each: never sent to it again, and what
-/// an entry for that output says.
+/// an entry for that output says. A body carried in its entry is not had by
+/// the backend, and is not kept here.
 #[derive(Default)]
 struct KnownBodies(Mutex<HashMap<Digest, Stored>>);
 
 impl KnownBodies {
-    fn insert(&self, output_id: Digest, stored: Stored) {
-        self.0.lock().unwrap().insert(output_id, stored);
+    fn insert(&self, output_id: Digest, stored: &Stored) {
+        if !matches!(stored, Stored::Inline { .. }) {
+            self.0.lock().unwrap().insert(output_id, stored.clone());
+        }
     }
 
     fn get(&self, output_id: &Digest) -> Option<Stored> {
-        self.0.lock().unwrap().get(output_id).copied()
+        self.0.lock().unwrap().get(output_id).cloned()
     }
 }
 

@@ -72,7 +72,7 @@ impl Prefetch {
     /// The entry the manifest listed for `action_id`, and how its body is
     /// stored if it said.
     pub fn listed(&self, action_id: &Digest) -> Option<(Entry, Option<Stored>)> {
-        self.listed.lock().unwrap().get(action_id).copied()
+        self.listed.lock().unwrap().get(action_id).cloned()
     }
 
     /// Notes a get: true if it is one of the session's first, which may
@@ -124,7 +124,7 @@ pub(super) fn look_for_manifest(
         && !prefetch.found.swap(true, Ordering::SeqCst)
     {
         session.stats.manifest_items.add(items.len() as u64);
-        prefetch.listed.lock().unwrap().extend(items.iter().map(|i| (i.action, (i.entry, i.stored))));
+        prefetch.listed.lock().unwrap().extend(items.iter().map(|i| (i.action, (i.entry, i.stored.clone()))));
         // Those that cost no round trip first: the go command soon asks for
         // them, and they would otherwise wait behind fetches.
         let (inline, fetched): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| i.body.is_some());
@@ -156,7 +156,7 @@ fn read_manifest(session: &Session, calls: &mut Calls<'_>, key: &Digest) -> Opti
         Some(path) => path,
         None => fetch(session, calls, &entry, &stored).ok()??,
     };
-    session.known.insert(entry.output_id, stored);
+    session.known.insert(entry.output_id, &stored);
     // Verified by hash on the way in; anything else in it is not a manifest.
     manifest::decode(&fs::read(path).ok()?)
 }

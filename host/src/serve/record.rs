@@ -217,7 +217,10 @@ fn record_with(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, ent
     let (stored, sent) = match session.known.get(&entry.output_id) {
         Some(stored) => (stored, 0),
         None if session.backend.stores_bodies() => match send_body(session, calls, entry) {
-            Some(stored) => (stored, stored.key(entry).1),
+            Some(stored) => {
+                let sent = stored.stored_size(entry);
+                (stored, sent)
+            }
             None => {
                 log("failed", 0);
                 return;
@@ -278,19 +281,24 @@ pub(super) fn send_body(session: &Session, calls: &mut Calls<'_>, entry: &Entry)
     // Gone only if removed by hand: an entry without its body would be a
     // miss elsewhere anyway.
     let file = std::fs::File::open(session.local.store.path_of(&entry.output_id)).ok()?;
-    let (stored, source) = match stages::body_out(file, entry, session.compression, calls.progress()) {
+    let (stored, source) = match stages::body_out(file, entry, session.compression, session.inline, calls.progress()) {
         Ok(out) => out,
         Err(e) => {
             session.problems.report(Problem::Store, format!("local store: reading a body to send: {e}"));
             return None;
         }
     };
-    let (id, size) = stored.key(entry);
+    // Carried in its entry, which goes next: nothing to send on its own.
+    let (Some((id, size)), Some(source)) = (stored.key(entry), source) else {
+        session.stats.inline_bodies.add(1);
+        session.stats.remote_bytes_up.add(stored.stored_size(entry));
+        return Some(stored);
+    };
     if let Err(e) = calls.write_body(&id, size, source) {
         session.backend_failed(&e);
         return None;
     }
     session.stats.remote_bytes_up.add(size);
-    session.known.insert(entry.output_id, stored);
+    session.known.insert(entry.output_id, &stored);
     Some(stored)
 }

@@ -16,7 +16,13 @@
 //! A body going out (local store -> backend): read from the stored file,
 //! already verified when it was stored; compressed with zstd when the
 //! session compresses and that saves at least a tenth, and then stored under
-//! the hash of the compressed bytes; counted.
+//! the hash of the compressed bytes; carried inside its entry instead of
+//! sent when what would be sent is small (`host_data::MAX_INLINE`) and the
+//! backend keeps host data: most Go outputs are that small, and each saves a
+//! request; counted.
+//!
+//! A body carried in its entry comes in through the same stages as one a
+//! backend writes (3 and 4), without a call.
 //!
 //! An entry coming in, found where the keys this session trusts write it
 //! (see `trust`): its host data read (`host_data`: how the body is stored,
@@ -126,8 +132,11 @@ pub fn body_in(
     let decompressed =
         Held { inner: writer, limit: entry.size, written: 0, refusal: refusal.clone(), what: "the body is" };
     let (target, stored_size) = match stored {
-        Stored::AsIs => (Target::AsIs(decompressed), entry.size),
+        Stored::AsIs | Stored::Inline { compressed: false, .. } => (Target::AsIs(decompressed), entry.size),
         Stored::Zstd { size, .. } => (Target::Zstd(zstd::stream::write::Decoder::new(decompressed)?), *size),
+        Stored::Inline { bytes, compressed: true } => {
+            (Target::Zstd(zstd::stream::write::Decoder::new(decompressed)?), bytes.len() as u64)
+        }
     };
     let target = Box::new(Held {
         inner: target,
@@ -137,6 +146,15 @@ pub fn body_in(
         what: "the backend wrote",
     });
     Ok((BodySink { target, progress: progress.clone(), refusal: refusal.clone() }, refusal))
+}
+
+/// The body carried in the entry `stored` describes, through a sink made
+/// for it by [`body_in`]: the same checks as a body a backend writes.
+pub fn inline_in(mut sink: BodySink, stored: &Stored) -> Result<BodyWriter, String> {
+    let Stored::Inline { bytes, .. } = stored else { return Err("no body is carried in this entry".into()) };
+    // A refusal is kept by the sink, and said by `finish`.
+    let _ = sink.write_all(bytes);
+    sink.finish()
 }
 
 impl BodySink {
@@ -224,16 +242,25 @@ impl Read for BodySource {
 }
 
 /// The way out for the body of `entry`, read from its stored `file`:
-/// compressed when that is asked and worth it. Says how it is stored (the
-/// id and size to give the backend), with the bytes, counted into
-/// `progress` as they are read.
+/// compressed when that is asked and worth it, and carried in the entry
+/// itself when `inline` allows and it is small enough. Says how it is stored,
+/// with the bytes to send as a body (none for a body carried in its entry),
+/// counted into `progress` as they are read.
 pub fn body_out(
     mut file: File,
     entry: &Entry,
     compression: Compression,
+    inline: bool,
     progress: &Progress,
-) -> io::Result<(Stored, BodySource)> {
-    let source = |reader| BodySource { reader, progress: progress.clone() };
+) -> io::Result<(Stored, Option<BodySource>)> {
+    let source = |reader| Some(BodySource { reader, progress: progress.clone() });
+    let fits = |size: u64| inline && size <= host_data::MAX_INLINE as u64;
+    let read_all = |reader: &mut dyn Read, size: u64| -> io::Result<Arc<[u8]>> {
+        let mut bytes = Vec::with_capacity(size as usize);
+        reader.take(size).read_to_end(&mut bytes)?;
+        progress.add(bytes.len());
+        Ok(Arc::from(bytes))
+    };
     if let Compression::Zstd(level) = compression
         && entry.size >= MIN_TO_COMPRESS
     {
@@ -242,7 +269,18 @@ pub fn body_out(
         // decompression for nothing.
         if size <= entry.size - entry.size / 10 {
             compressed.rewind()?;
+            if fits(size) {
+                let bytes = read_all(&mut compressed, size)?;
+                return Ok((Stored::Inline { bytes, compressed: true }, None));
+            }
             return Ok((Stored::Zstd { id, size }, source(Box::new(compressed))));
+        }
+        file.rewind()?;
+    }
+    if fits(entry.size) {
+        let bytes = read_all(&mut file, entry.size)?;
+        if bytes.len() as u64 == entry.size {
+            return Ok((Stored::Inline { bytes, compressed: false }, None));
         }
         file.rewind()?;
     }
@@ -312,10 +350,18 @@ pub fn entry_in(
     if !trust.accepts(lookup, action_id, &entry, &parsed) {
         return Err(Refused::Untrusted);
     }
-    if let Stored::Zstd { size, .. } = parsed.stored
-        && size > MAX_BODY
-    {
-        return Err(Refused::Broken(CallError::Broken(format!("an entry claims a stored body of {size} bytes"))));
+    match &parsed.stored {
+        Stored::Zstd { size, .. } if *size > MAX_BODY => {
+            return Err(Refused::Broken(CallError::Broken(format!("an entry claims a stored body of {size} bytes"))));
+        }
+        Stored::Inline { bytes, compressed: false } if bytes.len() as u64 != entry.size => {
+            return Err(Refused::Broken(CallError::Broken(format!(
+                "an entry of a body of {} bytes carries {} bytes of it",
+                entry.size,
+                bytes.len()
+            ))));
+        }
+        _ => {}
     }
     Ok((entry, parsed.stored))
 }
@@ -330,6 +376,7 @@ pub fn entry_out(trust: &Trust, action_id: &Digest, entry: &Entry, stored: &Stor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_data::MAX_INLINE;
     use crate::local::store::Store;
 
     fn sha(bytes: &[u8]) -> Digest {
@@ -364,14 +411,25 @@ mod tests {
 
     /// A body as `body_out` sends it, and how it is stored.
     fn sent(body: &[u8], compression: Compression) -> (Stored, Vec<u8>) {
+        sent_with(body, compression, false)
+    }
+
+    fn sent_with(body: &[u8], compression: Compression, inline: bool) -> (Stored, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("body");
         std::fs::write(&path, body).unwrap();
         let progress = Progress::default();
-        let (stored, mut source) =
-            body_out(File::open(&path).unwrap(), &entry_of(body), compression, &progress).unwrap();
-        let mut bytes = Vec::new();
-        source.read_to_end(&mut bytes).unwrap();
+        let (stored, source) =
+            body_out(File::open(&path).unwrap(), &entry_of(body), compression, inline, &progress).unwrap();
+        let bytes = match (&stored, source) {
+            (Stored::Inline { bytes, .. }, None) => bytes.to_vec(),
+            (_, Some(mut source)) => {
+                let mut bytes = Vec::new();
+                source.read_to_end(&mut bytes).unwrap();
+                bytes
+            }
+            (_, None) => panic!("{stored:?} has no bytes to send"),
+        };
         assert_eq!(progress.moved(), bytes.len() as u64);
         (stored, bytes)
     }
@@ -382,7 +440,7 @@ mod tests {
         let (stored, bytes) = sent(&body, Compression::Zstd(3));
         assert_eq!(stored, Stored::Zstd { id: sha(&bytes), size: bytes.len() as u64 });
         assert!(bytes.len() < body.len() / 4, "{} bytes from {}", bytes.len(), body.len());
-        assert_eq!(stored.key(&entry_of(&body)), (sha(&bytes), bytes.len() as u64));
+        assert_eq!(stored.key(&entry_of(&body)), Some((sha(&bytes), bytes.len() as u64)));
 
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -461,6 +519,61 @@ mod tests {
         assert_eq!((entry, back), (entry_of(b"x"), stored));
         let unknown = StoredEntry { entry: entry_of(b"x"), host_data: vec![b'q', 0] };
         assert!(matches!(entry_in(&trust, lookup, &[3; 32], unknown), Err(Refused::Unreadable)));
+    }
+
+    /// The body carried in `out`, through `entry_in` and the stages, kept
+    /// in a store: its bytes, or why not.
+    fn received_inline(out: StoredEntry) -> Result<Vec<u8>, String> {
+        let trust = Trust::default();
+        let lookup = &entry_lookups(&trust, &[3; 32])[0];
+        let Ok((entry, stored)) = entry_in(&trust, lookup, &[3; 32], out) else { return Err("refused".into()) };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (sink, _) = body_in(store.begin().unwrap(), &entry, &stored, &Progress::default()).unwrap();
+        let writer = inline_in(sink, &stored)?;
+        let path = store.commit(writer, &entry.output_id, entry.size).map_err(|e| e.to_string())?;
+        Ok(std::fs::read(path).unwrap())
+    }
+
+    #[test]
+    fn small_bodies_travel_in_their_entries_and_come_back_whole() {
+        let trust = Trust::default();
+        let tiny = b"tiny, and repetitive: tiny tiny tiny".to_vec();
+        let text = "package main // a Go source line\n".repeat(100).into_bytes();
+        for (body, compressed) in [(&tiny, false), (&text, true)] {
+            let (stored, bytes) = sent_with(body, Compression::Zstd(3), true);
+            assert_eq!(stored, Stored::Inline { bytes: Arc::from(bytes), compressed });
+            assert_eq!(stored.key(&entry_of(body)), None, "nothing is sent on its own");
+            let (_, out) = entry_out(&trust, &[3; 32], &entry_of(body), &stored);
+            assert!(out.host_data.len() <= 1024, "within the contract: {} bytes", out.host_data.len());
+            assert_eq!(received_inline(out).as_ref(), Ok(body));
+        }
+        let (stored, _) = sent_with(&tiny, Compression::None, true);
+        assert_eq!(stored, Stored::Inline { bytes: Arc::from(tiny.clone()), compressed: false });
+
+        // Too large even compressed, or not allowed: sent as a body.
+        let large: Vec<u8> = (0..5000u32).flat_map(|i| format!("{} ", i * 7919 % 10007).into_bytes()).collect();
+        assert!(matches!(sent_with(&large, Compression::Zstd(3), true).0, Stored::Zstd { .. }));
+        assert_eq!(sent_with(&vec![7; MAX_INLINE + 1], Compression::None, true).0, Stored::AsIs);
+        assert_eq!(sent_with(&tiny, Compression::None, false).0, Stored::AsIs);
+    }
+
+    #[test]
+    fn a_damaged_body_in_an_entry_is_never_kept() {
+        let trust = Trust::default();
+        let text = "package main // a Go source line\n".repeat(100).into_bytes();
+        for body in [b"a small output".to_vec(), text] {
+            let (stored, _) = sent_with(&body, Compression::Zstd(3), true);
+            let (_, mut out) = entry_out(&trust, &[3; 32], &entry_of(&body), &stored);
+            let last = out.host_data.len() - 1;
+            out.host_data[last] ^= 0x20;
+            let why = received_inline(out).unwrap_err();
+            assert!(why.contains("hashes to") || why.contains("decompress"), "{why}");
+        }
+        // Raw bytes of another length than the entry's: the backend's nonsense.
+        let stored = Stored::Inline { bytes: Arc::from(&b"abc"[..]), compressed: false };
+        let (_, out) = entry_out(&trust, &[3; 32], &entry_of(b"abcd"), &stored);
+        assert_eq!(received_inline(out), Err("refused".into()));
     }
 
     #[test]

@@ -544,9 +544,38 @@ fn puts_are_answered_at_once_and_all_recorded_by_the_close() {
     let stats = go.close(1001);
     let entries = backend.entries.lock().unwrap();
     assert!((0..n).all(|i| entries.contains_key(&action(i))), "{stats:?}");
-    // Each body once, and the session's manifest.
-    assert_eq!(backend.calls("write_body"), n as usize + 1);
-    assert_eq!((stats.puts_not_recorded, stats.local_only_puts), (0, 0));
+    // Each body small enough to travel in its entry: only the session's
+    // manifest goes as a body.
+    assert_eq!(backend.calls("write_body"), 1);
+    assert_eq!(
+        (stats.puts_not_recorded, stats.local_only_puts, stats.inline_bodies),
+        (0, 0, u64::from(n)),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn small_outputs_travel_in_their_entries_and_are_read_back_without_a_body_call() {
+    let backend = TestBackend::new(true);
+    let mut first = GoCommand::start(&backend);
+    let small = |i: u32| format!("small output {i}").into_bytes();
+    for i in 0..4u32 {
+        first.put(i as i64 + 1, &action(i), &small(i));
+        first.recv();
+    }
+    first.put(5, &action(9), &compressible(9));
+    first.recv();
+    let up = first.close(6);
+    assert_eq!((up.inline_bodies, backend.calls("write_body")), (4, 1), "{up:?}");
+
+    let mut second = GoCommand::start(&backend);
+    for i in 0..4u32 {
+        let hit = second.ask(i as i64 + 1, &action(i));
+        let path = hit["DiskPath"].as_str().unwrap_or_else(|| panic!("output {i}: {hit}"));
+        assert_eq!(std::fs::read(path).unwrap(), small(i));
+    }
+    let down = second.close(10);
+    assert_eq!((down.hits_fetched, backend.calls("read_body")), (4, 0), "{down:?}");
 }
 
 #[test]
@@ -589,8 +618,12 @@ fn a_session_leaves_a_manifest_and_the_next_one_prefetches_from_it() {
 }
 
 /// Outputs that compress, as Go's do.
+/// Tens of kilobytes that zstd makes several times smaller, and still too
+/// large to travel inside an entry.
 fn compressible(i: u32) -> Vec<u8> {
-    format!("package p{i}; func F{i}() int {{ return {i} }}\n").repeat(200).into_bytes()
+    (0..1000u32)
+        .flat_map(|k| format!("package p{i}; func F{k}() int {{ return {} }}\n", k * (i + 7)).into_bytes())
+        .collect()
 }
 
 #[test]

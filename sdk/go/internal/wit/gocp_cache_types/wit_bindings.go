@@ -22,8 +22,9 @@ type Entry struct {
 	// value that was given to `write-entry`, not the time of a later copy.
 	PutTimeNs uint64
 	// Bytes the host attaches to the entry: how its body is stored
-	// (compressed, under which id) and a signature over it when the user
-	// signs what builds write; often empty. Opaque to the plugin:
+	// (compressed, under which id), or the body itself when it is small
+	// (then `write-body` is not called for it), and a signature over it
+	// when the user signs what builds write; often empty. Opaque to the plugin:
 	// store them with the entry and return them from `read-entry` exactly
 	// as `write-entry` gave them, or the host refuses the entry. At most
 	// 1 KiB.
