@@ -20,7 +20,8 @@
 //! cache, so that gocp's own part can be told from it.
 //!
 //! It drives gocp-host only through the protocol; its only other writes into
-//! a state directory are those files and the time shifts.
+//! a state directory are those files and the time shifts (of file times, and
+//! of the time the disk plugin records in its `last-trim`).
 
 use std::fs::{self, File, FileTimes};
 use std::io::Write;
@@ -336,10 +337,23 @@ fn make_trim_due(state: &Path) -> Result<()> {
     for marker in ["objects/last-trim", "plugins/disk/last-trim"] {
         let path = state.join(marker);
         if path.exists() {
+            shift_recorded_time(&path, |_| nanos(then))?;
             set_mtime(&path, then)?;
         }
     }
     Ok(())
+}
+
+/// The disk plugin records when its last trim began inside `last-trim`
+/// (nanoseconds since the epoch), not in the file's time: that time is
+/// moved too (to `to` of it), or a shifted day would never make its trim due.
+fn shift_recorded_time(path: &Path, to: impl Fn(u64) -> u64) -> Result<()> {
+    let Some(ns) = fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<u64>().ok()) else { return Ok(()) };
+    fs::write(path, to(ns).to_string()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn set_mtime(path: &Path, t: SystemTime) -> Result<()> {
@@ -382,6 +396,8 @@ fn shift_back(dir: &Path, by: Duration) -> Result<()> {
         let meta = entry.metadata()?;
         if meta.is_dir() {
             shift_back(&path, by)?;
+        } else if entry.file_name() == "last-trim" {
+            shift_recorded_time(&path, |ns| ns.saturating_sub(by.as_nanos() as u64))?;
         }
         set_mtime(&path, meta.modified()? - by)?;
     }
