@@ -290,12 +290,15 @@ fn measure(host: &Path, states: [&Path; 2], fresh: [u64; 2], floor_files: &mut V
         wait_for_trim(states[s])?;
         let trim_s = closing.elapsed().as_secs_f64();
         let (files, bytes) = objects(states[s])?;
+        // Each put paired with the file written right after it: before
+        // `median` sorts either list.
+        let mut own_puts: Vec<f64> = puts[s].iter().zip(&floors[s]).map(|(p, f)| p - f).collect();
         Ok(Costs {
             startup_ms: median(&mut starts[s]),
             close_ms: median(&mut closes[s]),
             get_us: (median(&mut gets[s]), percentile(&mut gets[s], 0.99)),
             put_us: (median(&mut puts[s]), percentile(&mut puts[s], 0.99)),
-            own_put_us: median(&mut puts[s].iter().zip(&floors[s]).map(|(p, f)| p - f).collect::<Vec<_>>()),
+            own_put_us: median(&mut own_puts),
             floor_us: median(&mut floors[s]),
             peak_mib: peak as f64 / 1024.0,
             trim_close_ms,
