@@ -158,6 +158,12 @@ pub struct Cli {
     #[arg(long, env = "GOCP_MISS_STREAK", value_name = "N", default_value_t = crate::serve::DEFAULT_MISS_STREAK)]
     pub miss_streak: usize,
 
+    /// Or sooner, once lookups in a row that the remote did not have have kept
+    /// the go command waiting this long in all (a far remote). 0: only the
+    /// count above.
+    #[arg(long, env = "GOCP_MISS_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub miss_wait: Duration,
+
     /// Use only entries signed by this key: a `gocp-ed25519:...` public key or a
     /// file holding one (repeatable, to rotate keys). Without it, a signer
     /// trusts its own key.
@@ -561,6 +567,7 @@ pub fn run() -> Result<ExitCode> {
         },
         request_log,
         miss_streak: cli.miss_streak,
+        miss_wait: cli.miss_wait,
     };
     let report = |summary: &Summary| {
         if cli.verbose {

@@ -168,7 +168,7 @@ fn answer_early(
                     session.stats.misses_early_found.add(1);
                     session.streak.found();
                 } else {
-                    session.streak.not_found();
+                    session.streak.not_found(Duration::ZERO);
                 }
             }
             Err(e) => session.backend_failed(&e),
@@ -207,10 +207,11 @@ fn look_up(session: &Session, calls: &mut Calls<'_>, action_id: &Digest, listed:
     let found = match listed {
         Some(listed) => Ok(Some(listed)),
         None => {
+            let asked = Instant::now();
             let found = find_entry(session, calls, action_id);
             match found {
                 Ok(Some(_)) => session.streak.found(),
-                Ok(None) => session.streak.not_found(),
+                Ok(None) => session.streak.not_found(asked.elapsed()),
                 Err(_) => {}
             }
             found

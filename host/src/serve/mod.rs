@@ -64,7 +64,7 @@ use request_log::{Line, RequestLog};
 use responder::Responder;
 use workers::{Abandoned, Worker, Workers};
 
-pub use miss_streak::DEFAULT as DEFAULT_MISS_STREAK;
+pub use miss_streak::{DEFAULT as DEFAULT_MISS_STREAK, DEFAULT_WAIT as DEFAULT_MISS_WAIT};
 pub use stages::Compression;
 pub use workers::ShutdownReport;
 
@@ -89,6 +89,9 @@ pub struct Settings {
     /// Lookups in a row not found after which gets are answered as misses
     /// before the backend answers (see `miss_streak`); 0: never.
     pub miss_streak: usize,
+    /// Waiting on lookups in a row not found after which they are, too;
+    /// zero: only the count starts a streak.
+    pub miss_wait: Duration,
 }
 
 /// How a session ended.
@@ -167,7 +170,7 @@ pub fn serve(
         known: KnownBodies::default(),
         fetches: get::Fetches::default(),
         // Only a remote is worth not waiting for: one with a local tier.
-        streak: miss_streak::MissStreak::new(if prefetching { settings.miss_streak } else { 0 }),
+        streak: miss_streak::MissStreak::new(if prefetching { settings.miss_streak } else { 0 }, settings.miss_wait),
         call_timeout: settings.call_timeout,
         local,
         backend,
@@ -252,12 +255,14 @@ fn serve_requests(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Aba
             let mut input = session.input.lock().unwrap();
             if session.end.is_over() {
                 drop(input);
-                return record::drain(session, worker);
+                record::drain(session, worker)?;
+                return prefetch::help_at_close(session, worker);
             }
             match read_next(session, &mut input) {
                 Ok(next) => next,
                 Err((ending, close_id)) => {
                     let closed = matches!(ending, Ending::Closed);
+                    let _closing = session.prefetch.closing();
                     session.end.set(ending, close_id);
                     drop(input);
                     record::drain(session, worker)?;

@@ -10,8 +10,9 @@
 //! leave two to read requests) and brings listed outputs in until the list is
 //! done or the session ends: small ones from the manifest itself, the others
 //! through the backend, each verified and stored like any fetched body. At close, after the backlog is recorded,
-//! the reading thread stores the session's manifest as a body and writes a
-//! pointer entry to it under each of its first gets' keys.
+//! the reading thread stores the session's manifest as a body; then every
+//! thread helps write a pointer entry to it under each of the session's first
+//! gets' keys, so the go command waits one round trip for them, not sixteen.
 //!
 //! It owns the session's list, the queue and the prefetching slots. Only an
 //! optimisation happens here: a failure is never reported as the build's
@@ -20,9 +21,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
@@ -52,6 +53,71 @@ pub(super) struct Prefetch {
     /// than two threads are left to read requests.
     prefetching: AtomicUsize,
     max: usize,
+    /// The manifest's pointer entries at close.
+    pointers: Pointers,
+}
+
+/// The pointer entries of the manifest left at close, which the threads
+/// done recording write side by side.
+#[derive(Default)]
+struct Pointers {
+    state: Mutex<PointerState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+enum PointerState {
+    /// The closing thread may still have some to write.
+    #[default]
+    Coming,
+    /// Keys still to point at the manifest, stored as `stored`.
+    Writing { entry: Entry, stored: Stored, keys: Vec<Digest> },
+    /// None to write, or no more.
+    Done,
+}
+
+impl Pointers {
+    fn set(&self, state: PointerState) {
+        *self.state.lock().unwrap() = state;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `until` while the closing thread may still have pointers
+    /// to write; true if there are some.
+    fn wait(&self, until: Instant) -> bool {
+        let mut state = self.state.lock().unwrap();
+        while let PointerState::Coming = *state {
+            let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                return false;
+            };
+            state = self.changed.wait_timeout(state, left).unwrap().0;
+        }
+        matches!(&*state, PointerState::Writing { keys, .. } if !keys.is_empty())
+    }
+
+    /// The next pointer to write, if any is left.
+    fn next(&self) -> Option<(Digest, Entry, Stored)> {
+        match &mut *self.state.lock().unwrap() {
+            PointerState::Writing { entry, stored, keys } => keys.pop().map(|key| (key, *entry, stored.clone())),
+            PointerState::Coming | PointerState::Done => None,
+        }
+    }
+}
+
+/// Held by the thread that read the session's end: until dropped, the other
+/// threads may wait for pointers to write; then they stop waiting, whatever
+/// became of the manifest.
+pub(super) struct Closing<'a>(&'a Prefetch);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.pointers.state.lock().unwrap();
+        if matches!(*state, PointerState::Coming) {
+            *state = PointerState::Done;
+        }
+        drop(state);
+        self.0.pointers.changed.notify_all();
+    }
 }
 
 impl Prefetch {
@@ -66,7 +132,14 @@ impl Prefetch {
             // Fetching is waiting on the network, not work for the CPU: as
             // many as leave two threads to read requests.
             max: threads.saturating_sub(2),
+            pointers: Pointers::default(),
         }
+    }
+
+    /// Called by the thread that read the session's end, before it records
+    /// what is left.
+    pub fn closing(&self) -> Closing<'_> {
+        Closing(self)
     }
 
     /// The entry the manifest listed for `action_id`, and how its body is
@@ -233,7 +306,7 @@ fn bring_in(session: &Arc<Session>, worker: &mut Worker, item: Item) -> Result<(
 
 /// Leaves this session's manifest through the backend, for the next
 /// machine: its body first, then a pointer from each of the session's first
-/// gets.
+/// gets, written side by side with the threads in [`help_at_close`].
 pub(super) fn leave_manifest(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Abandoned> {
     if session.breaker.paused() || session.read_only {
         return Ok(());
@@ -260,12 +333,45 @@ pub(super) fn leave_manifest(session: &Arc<Session>, worker: &mut Worker) -> Res
                 None => return,
             },
         };
-        for key in &to_write.keys {
-            let (at, sealed) = stages::entry_out(&session.trust, &manifest::pointer_key(key), &entry, &stored);
-            if let Err(e) = calls.write_entry(&at, &sealed) {
-                session.backend_failed(&e);
-                return;
-            }
+        session.prefetch.pointers.set(PointerState::Writing { entry, stored, keys: to_write.keys });
+        write_pointers(session, calls);
+    })
+}
+
+/// After recording what was left at the end of a session: writes pointers
+/// to the manifest the closing thread is leaving, if it leaves one. Waits
+/// for it at most as long as finishing a recording and sending the manifest
+/// take (two calls); past that the closing thread writes them alone.
+pub(super) fn help_at_close(session: &Arc<Session>, worker: &mut Worker) -> Result<(), Abandoned> {
+    let until = Instant::now() + 2 * session.call_timeout + Duration::from_secs(1);
+    if session.prefetch.recorder.is_none() || !session.prefetch.pointers.wait(until) {
+        return Ok(());
+    }
+    worker.work(session.on_stuck(), |calls| {
+        if let Some(calls) = calls {
+            write_pointers(session, calls);
         }
     })
+}
+
+/// Writes pointers until none are left or one fails.
+fn write_pointers(session: &Session, calls: &mut Calls<'_>) {
+    while let Some(pointer) = session.prefetch.pointers.next() {
+        if !write_pointer(session, calls, pointer) {
+            return;
+        }
+    }
+}
+
+/// Writes one pointer; a failure ends the writing for every thread.
+fn write_pointer(session: &Session, calls: &mut Calls<'_>, (key, entry, stored): (Digest, Entry, Stored)) -> bool {
+    let (at, sealed) = stages::entry_out(&session.trust, &manifest::pointer_key(&key), &entry, &stored);
+    match calls.write_entry(&at, &sealed) {
+        Ok(()) => true,
+        Err(e) => {
+            session.prefetch.pointers.set(PointerState::Done);
+            session.backend_failed(&e);
+            false
+        }
+    }
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 use super::request_log::RequestLog;
-use super::{Compression, DEFAULT_MISS_STREAK, Ending, Settings, serve};
+use super::{Compression, DEFAULT_MISS_STREAK, DEFAULT_MISS_WAIT, Ending, Settings, serve};
 use crate::backend::{
     Backend, BodySink, BodySource, CallError, Deadline, Digest, Entry, Instance, ReadBody, StoredEntry,
 };
@@ -65,6 +65,9 @@ struct TestBackend {
     bodies: Mutex<HashMap<Digest, Vec<u8>>>,
     calls: Mutex<HashMap<&'static str, usize>>,
     started: AtomicUsize,
+    /// write-entry calls under way now, and the most there were at once.
+    writing: AtomicUsize,
+    most_writing: AtomicUsize,
     /// Lets hanging calls go when the test is over.
     released: AtomicBool,
 }
@@ -80,6 +83,8 @@ impl TestBackend {
             bodies: Mutex::default(),
             calls: Mutex::default(),
             started: AtomicUsize::new(0),
+            writing: AtomicUsize::new(0),
+            most_writing: AtomicUsize::new(0),
             released: AtomicBool::new(false),
         })
     }
@@ -232,12 +237,17 @@ impl Instance for TestInstance {
     fn write_entry(&mut self, action_id: &Digest, entry: &StoredEntry, deadline: &Deadline) -> Result<(), CallError> {
         let b = &self.0;
         b.count("write_entry");
+        b.most_writing.fetch_max(b.writing.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
         let fault = b.faults.lock().unwrap().write_entry;
-        if let Some(e) = b.fault(fault, deadline) {
-            return Err(e);
-        }
-        b.entries.lock().unwrap().insert(*action_id, entry.clone());
-        Ok(())
+        let result = match b.fault(fault, deadline) {
+            Some(e) => Err(e),
+            None => {
+                b.entries.lock().unwrap().insert(*action_id, entry.clone());
+                Ok(())
+            }
+        };
+        b.writing.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     fn finish(&mut self, _deadline: &Deadline) -> Result<(), CallError> {
@@ -330,6 +340,7 @@ impl GoCommand {
             compression,
             request_log: RequestLog::off(),
             miss_streak,
+            miss_wait: DEFAULT_MISS_WAIT,
         };
         let backend: Arc<dyn Backend> = Arc::new(backend.clone());
         let session = std::thread::spawn(move || {
@@ -617,6 +628,35 @@ fn a_session_leaves_a_manifest_and_the_next_one_prefetches_from_it() {
     assert_eq!(stats.hits, 40);
 }
 
+#[test]
+fn the_manifest_pointers_are_written_side_by_side_at_close() {
+    let backend = TestBackend::new(true);
+    let mut first = GoCommand::start(&backend);
+    for i in 0..40u32 {
+        assert_eq!(first.ask(i as i64 * 2 + 1, &action(i))["Miss"], true);
+        first.put(i as i64 * 2 + 2, &action(i), format!("output {i}").repeat(1000).as_bytes());
+        first.recv();
+    }
+    // Every put recorded before close, so that the writes at close are the
+    // manifest's pointers alone; each takes a while, as a round trip does.
+    let until = Instant::now() + ANSWER;
+    while backend.calls("write_entry") < 40 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(backend.calls("write_entry"), 40);
+    backend.most_writing.store(0, Ordering::SeqCst);
+    backend.set(|f| f.write_entry = Some(Fault::Slow(Duration::from_millis(40))));
+    first.close(100);
+    assert_eq!(backend.calls("write_entry"), 40 + 16, "a pointer under each of the first 16 gets");
+    let at_once = backend.most_writing.load(Ordering::SeqCst);
+    assert!(at_once > 1, "the pointers were written one at a time: {at_once} at once");
+
+    backend.set(|f| f.write_entry = None);
+    let mut second = GoCommand::start(&backend);
+    assert!(second.ask(1, &action(5))["DiskPath"].is_string());
+    assert_eq!(second.close(100).manifest_items, 40, "the pointer under a later first get leads to it");
+}
+
 /// Outputs that compress, as Go's do.
 /// Tens of kilobytes that zstd makes several times smaller, and still too
 /// large to travel inside an entry.
@@ -750,6 +790,24 @@ fn after_a_streak_of_misses_gets_are_answered_at_once_until_the_backend_has_one(
     assert_eq!(stats.misses_early, 4 + asked as u64, "{stats:?}");
     assert!(stats.misses_early_found >= 1, "{stats:?}");
     assert_eq!(backend.calls("read_body"), 1, "only the body of the hit was fetched: {stats:?}");
+}
+
+#[test]
+fn a_far_remote_starts_a_streak_once_its_misses_have_cost_the_wait() {
+    // Each lookup takes 40 ms, as 20 ms away: the default 100 ms of waiting is
+    // reached at the third miss, long before 32 of them.
+    let backend = TestBackend::new(true);
+    backend.set(|f| f.read_entry = Some(Fault::Slow(Duration::from_millis(40))));
+    let mut go = GoCommand::start(&backend);
+    let asked = 12;
+    for n in 0..asked {
+        assert_eq!(go.ask(n as i64 + 1, &action(n))["Miss"], true);
+    }
+    let stats = go.close(100);
+    assert!(
+        (asked as u64 - 4..asked as u64).contains(&stats.misses_early),
+        "three waited on, the rest answered at once: {stats:?}"
+    );
 }
 
 #[test]
