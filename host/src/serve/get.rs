@@ -164,11 +164,17 @@ fn answer_early(
         match find_entry(session, calls, &action_id) {
             Ok(found) => {
                 session.breaker.success();
-                if found.is_some() {
-                    session.stats.misses_early_found.add(1);
-                    session.streak.found();
-                } else {
-                    session.streak.not_found(Duration::ZERO);
+                match found {
+                    // The go command built it meanwhile, and the lookup found
+                    // this session's own upload (a lookup waiting for a
+                    // connection can come after it): no sign that the remote
+                    // has the build.
+                    Some(_) if session.local.find(&action_id).is_some() => {}
+                    Some(_) => {
+                        session.stats.misses_early_found.add(1);
+                        session.streak.found();
+                    }
+                    None => session.streak.not_found(Duration::ZERO),
                 }
             }
             Err(e) => session.backend_failed(&e),

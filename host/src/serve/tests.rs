@@ -793,6 +793,27 @@ fn after_a_streak_of_misses_gets_are_answered_at_once_until_the_backend_has_one(
 }
 
 #[test]
+fn a_streak_goes_on_when_a_late_lookup_finds_the_sessions_own_upload() {
+    let backend = TestBackend::new(true);
+    let state = tempfile::tempdir().unwrap();
+    let drain = Duration::from_secs(5);
+    let mut go = GoCommand::start_as(&backend, state.path(), drain, false, Trust::default(), Compression::None, 4);
+    for n in 0..4 {
+        assert_eq!(go.ask(n as i64 + 1, &action(n))["Miss"], true);
+    }
+    // Answered early; its lookup is slow, and the go command builds and
+    // puts the action before the lookup reads: the lookup finds the put.
+    backend.set(|f| f.read_entry = Some(Fault::Slow(Duration::from_millis(90))));
+    assert_eq!(go.ask(5, &action(10))["Miss"], true);
+    go.put(6, &action(10), b"built here");
+    go.recv();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(go.ask(7, &action(11))["Miss"], true);
+    let stats = go.close(100);
+    assert_eq!((stats.misses_early, stats.misses_early_found), (2, 0), "the streak went on: {stats:?}");
+}
+
+#[test]
 fn a_far_remote_starts_a_streak_once_its_misses_have_cost_the_wait() {
     // Each lookup takes 40 ms, as 20 ms away: the default 100 ms of waiting is
     // reached at the third miss, long before 32 of them.
