@@ -158,9 +158,9 @@ pub struct Cli {
     #[arg(long, env = "GOCP_MISS_STREAK", value_name = "N", default_value_t = crate::serve::DEFAULT_MISS_STREAK)]
     pub miss_streak: usize,
 
-    /// Or sooner, once lookups in a row that the remote did not have have kept
-    /// the go command waiting this long in all (a far remote). 0: only the
-    /// count above.
+    /// Also answer gets as misses at once (as --miss-streak does) once lookups
+    /// in a row that the remote did not have have kept the go command waiting
+    /// this long in all: a far remote. 0: only --miss-streak's count.
     #[arg(long, env = "GOCP_MISS_WAIT", value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub miss_wait: Duration,
 
