@@ -279,6 +279,37 @@ fn webdav_instances_racing_to_make_the_collections_lose_no_upload() {
     assert!(raced(&server.log()) > 0, "the race never happened in {rounds} rounds: the test proved nothing");
 }
 
+/// WsgiDAV, like Apache mod_dav, writes a PUT into the file it serves, so a
+/// lookup that meets the upload of the same entry (another machine's, or this
+/// build's own after an early miss) reads it empty. That is an entry not
+/// stored yet: a miss without a word to the user, and the put that follows
+/// fills it for the next machine.
+#[test]
+fn webdav_an_entry_read_while_it_is_written_is_a_quiet_miss() {
+    let server = WsgiDav::start();
+    let backend = server.backend();
+    let tmp = tempfile::tempdir().unwrap();
+    let ac = server.data().join("gocp/ac");
+    fs::create_dir_all(&ac).unwrap();
+    fs::create_dir_all(server.data().join("gocp/cas")).unwrap();
+    fs::write(ac.join(hexs(&[5; 32])), b"").unwrap();
+
+    let miss = session(&backend, &tmp.path().join("a"), &[], |s| {
+        s.send_get(1, &[5; 32]);
+        let miss = s.recv();
+        s.send_put(2, &[5; 32], b"built after the miss");
+        s.recv();
+        miss
+    });
+    assert_eq!(miss["Miss"], json!(true), "{miss}");
+    let hit = session(&backend, &tmp.path().join("b"), &[], |s| {
+        s.send_get(1, &[5; 32]);
+        s.recv()
+    });
+    let path = hit["DiskPath"].as_str().unwrap_or_else(|| panic!("the put filled the entry: {hit}"));
+    assert_eq!(fs::read(path).unwrap(), b"built after the miss");
+}
+
 #[test]
 fn stalled_bodies_pause_the_plugin() {
     remote::stalled_bodies(&Nginx::start());

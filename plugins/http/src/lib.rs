@@ -253,6 +253,13 @@ impl Backend for Http {
             s => return Err(self.refused("GET", &path, s)),
         }
         let text = response.bytes(MAX_ENTRY_LINE + 1)?;
+        // A plain WebDAV server (WsgiDAV, Apache mod_dav) creates the file
+        // before it writes it, so a GET that meets an upload of this entry in
+        // flight gets it empty. gocp never writes an empty entry: it is not
+        // stored yet, and the next put of the action fills it.
+        if text.is_empty() {
+            return Err(Error::NotFound);
+        }
         if text.len() > MAX_ENTRY_LINE {
             return Err(Error::Broken(format!(
                 "{}: GET {path}: more than {MAX_ENTRY_LINE} bytes, not an entry gocp wrote: is another tool using this path?",
