@@ -3,8 +3,9 @@
 //! PUT with create_full_put_path, basic auth) and WsgiDAV (plain WebDAV: the
 //! plugin makes the directories with MKCOL). First the scenarios every remote
 //! plugin must pass, then what is particular to this one: the layout on the
-//! server, upload dedup, the URL path as a namespace, and bodies far larger
-//! than the plugin's memory.
+//! server, upload dedup, the URL path as a namespace, bodies far larger
+//! than the plugin's memory, and entries read while a plain WebDAV server
+//! writes them.
 
 mod support;
 
